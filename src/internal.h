@@ -42,8 +42,9 @@ typedef struct moda_problem {
     int num_threads;
     /* forward operands (q,o: [B,T,Hk,G,*]; k,v: [B,T,Hk,*]; kd,vd: [B,T,Lcap,Hk,*]; lse: [B,T,Hk,G]) */
     moda_operand q, k, v, kd, vd, o, lse;
-    /* backward operands (dout, dq shaped like o, q; dk, dv like k, v; dkd, dvd like kd, vd) */
-    moda_operand dout, dq, dk, dv, dkd, dvd;
+    /* backward operands: grad_o is the incoming dO (shaped like o); grad_q/k/v/kd/vd are the outputs dQ, dK,
+     * dV, dKd, dVd (shaped like q, k, v, kd, vd). Named grad_* because `dv` is the value head dimension. */
+    moda_operand grad_o, grad_q, grad_k, grad_v, grad_kd, grad_vd;
     int accumulate_depth; /* backward: add into dkd/dvd instead of overwriting */
     int deterministic;
 } moda_problem;
@@ -110,7 +111,7 @@ moda_status moda_cpu_fast_forward(const moda_problem *p);
 size_t moda_cpu_fast_backward_workspace(const moda_problem *p);
 moda_status moda_cpu_fast_backward(const moda_problem *p, void *workspace, size_t workspace_bytes);
 
-/* CUDA (src/cuda/*.cu; src/cuda_stub.c when built without CUDA). `check` runs inside validation, before any
+/* CUDA (src/cuda/ *.cu; src/cuda_stub.c when built without CUDA). `check` runs inside validation, before any
  * output is touched: device-specific support (dtype, head dim, alignment, pointer location). */
 int moda_cuda_devices(void);
 moda_status moda_cuda_check(const moda_problem *p, int backward);

@@ -76,6 +76,7 @@ typedef struct tu_tensor {
     moda_tensor view;
     void *alloc;   /* start of the allocation (view.data may point inside it) */
     size_t bytes;  /* allocation size */
+    int poisoned;  /* set by tu_poison: bytes outside the logical view must stay 0xFF */
 } tu_tensor;
 
 /* Pointer for the API: NULL for an absent tensor. */
@@ -123,10 +124,14 @@ typedef struct tu_compare_result {
 } tu_compare_result;
 
 /* Compares test against the f64 oracle ref64 with the bound taken from lowp (a same-precision reference
- * result; may be NULL for float32/float64 tests: then the bound is `abs_tol`). Also checks that padding
- * bytes of test's allocation outside its logical view are still poison when `check_padding` is set. */
+ * result; may be NULL: then the bound is `abs_tol`). Where ref64 is NaN (an element the call must not write,
+ * e.g. a depth slot outside [d0, d1) that was poisoned) test must be NaN too. Also applies spec.md §4's
+ * relative-L2 guide for test's dtype (f32 1e-5, f16 2e-3, bf16 1e-2). */
 tu_compare_result tu_compare(const tu_tensor *test, const tu_tensor *ref64, const tu_tensor *lowp, double abs_tol);
-/* TU_CHECKs a comparison and prints one line with the numbers on failure (or always when MODA_TEST_VERBOSE). */
+/* 1 when every byte of t's allocation outside its logical view is still 0xFF (nothing wrote outside it). */
+int tu_padding_intact(const tu_tensor *t);
+/* TU_CHECKs a comparison and prints one line with the numbers on failure (or always when MODA_TEST_VERBOSE);
+ * also checks tu_padding_intact when test was poisoned. Returns 1 on pass. */
 int tu_expect_close(const char *what, const tu_case *c, const tu_tensor *test, const tu_tensor *ref64,
                     const tu_tensor *lowp, double abs_tol);
 
