@@ -87,16 +87,17 @@ moda_status moda_fail(moda_status status, const char *fmt, ...)
     ;
 void moda_clear_error(void);
 
-/* Scalar conversions between storage dtypes and float/double (src/dtype.c). Round to nearest even. */
-float moda_f16_to_f32(uint16_t h);
-uint16_t moda_f32_to_f16(float f);
-float moda_bf16_to_f32(uint16_t h);
-uint16_t moda_f32_to_bf16(float f);
+/* Scalar conversions between storage dtypes and float/double (src/dtype.c). Round to nearest even.
+ * Exported (not in moda.h) because the test utilities and tools use them. */
+MODA_API float moda_f16_to_f32(uint16_t h);
+MODA_API uint16_t moda_f32_to_f16(float f);
+MODA_API float moda_bf16_to_f32(uint16_t h);
+MODA_API uint16_t moda_f32_to_bf16(float f);
 /* Reads element `offset` of an array of `dtype` as double; writes one element from double. */
-double moda_load(const void *base, moda_dtype dtype, int64_t offset);
-void moda_store(void *base, moda_dtype dtype, int64_t offset, double value);
+MODA_API double moda_load(const void *base, moda_dtype dtype, int64_t offset);
+MODA_API void moda_store(void *base, moda_dtype dtype, int64_t offset, double value);
 /* Rounds a double to the precision of dtype (identity for f64). */
-double moda_round_to(double x, moda_dtype dtype);
+MODA_API double moda_round_to(double x, moda_dtype dtype);
 
 /* ---- backends (each validated by api.c before it is called) ---- */
 
