@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# device_run.sh - the ONE script run on the GPU machine: builds, checks, times everything in one call, writes
+# logs under $OUT and prints a short table last.
+#   bash bench/device_run.sh            # build + gpu tests + sanitizers + moda bench + SDPA comparison
+# Stages can be narrowed with STAGES="build test sanitize bench sdpa" (default: all of them);
+# BENCH_SHAPES=S1,S3 narrows the timed shapes; MODA_GPU_TEST_FILTER=forward runs only gpu_*forward*;
+# BENCH_ARGS / SDPA_ARGS add options to the two timers (e.g. --no-backward to both).
+set -u
+OUT=${OUT:-/tmp/moda_device_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build test sanitize bench sdpa"}
+SHAPES=${BENCH_SHAPES:-S1,S2,S3,S4,S5}
+BUILD=${BUILD_DIR:-build-device}
+# The device copy of the tree may have no .git: the caller can pass MODA_GIT_COMMIT=<hash> on the command line.
+commit=${MODA_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ -z "${MODA_GIT_COMMIT:-}" ] && [ -n "$(git status --porcelain 2>/dev/null | grep -v '^??' | head -1)" ]; then
+    commit="$commit+dirty"
+fi
+export MODA_GIT_COMMIT=$commit
+summary="$OUT/summary.txt"
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
+
+note "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1); commit $commit; $(date -u +%FT%TZ)"
+t0=$(date +%s)
+if has build; then
+    { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMODA_BUILD_MODEL=OFF -DCMAKE_CUDA_ARCHITECTURES=90a \
+        && cmake --build "$BUILD" -j16 -- -k; } > "$OUT/build.log" 2>&1
+    rc=$?
+    # keep going past targets that are not ours (a broken CPU test must not hide the GPU numbers)
+    if [ $rc -ne 0 ] && [ -f "$BUILD/libmoda.so" ]; then
+        note "build: some targets failed: $(grep -E '\*\*\* \[' "$OUT/build.log" | sed 's/.*\[//; s/\].*//' | tr '\n' ' ')"
+        rc=0
+    fi
+    grep -E "spill|error" "$OUT/build.log" | grep -v "0 bytes spill" | head -20
+    # the moda CLI may fail for reasons outside the library (e.g. a model-only tool without the model build):
+    # then the CUDA bench is linked on its own from tools/bench_cuda.c and libmoda.so
+    if [ $rc -eq 0 ] && [ ! -x "$BUILD/moda" ]; then
+        printf 'int moda_cmd_bench_cuda(int, char **);\nint main(int c, char **v) { return moda_cmd_bench_cuda(c, v); }\n' \
+            > "$BUILD/bench_main.c"
+        cc -O2 -std=c11 -DMODA_WITH_CUDA=1 -Iinclude -Isrc -Itools -I/usr/local/cuda/include "$BUILD/bench_main.c" \
+            tools/bench_cuda.c -L"$BUILD" -lmoda -L/usr/local/cuda/lib64 -lcudart -Wl,-rpath,"$PWD/$BUILD" \
+            -o "$BUILD/moda_bench_cuda" >> "$OUT/build.log" 2>&1 && note "build: moda CLI missing, bench linked alone"
+    fi
+    note "build: rc=$rc ($(( $(date +%s) - t0 )) s)"
+    if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
+fi
+
+sel_tests() {
+    local f=${MODA_GPU_TEST_FILTER:-}
+    mkdir -p "$BUILD/gpu_sel"
+    rm -f "$BUILD"/gpu_sel/*
+    for t in "$BUILD"/gpu_*; do
+        [ -f "$t" ] && [ -x "$t" ] || continue
+        case "$(basename "$t")" in *"$f"*) ln -sf "$(realpath "$t")" "$BUILD/gpu_sel/$(basename "$t")" ;; esac
+    done
+}
+if has test || has sanitize; then
+    sel_tests
+    t1=$(date +%s)
+    ns=1
+    has sanitize && ns=0
+    if has test; then
+        MODA_GPU_TEST_NO_SANITIZER=$ns timeout ${TEST_TIMEOUT:-300} bash tests/gpu/run.sh "$BUILD/gpu_sel" > "$OUT/gpu_test.log" 2>&1
+    else
+        # sanitizers only: run.sh with every full test skipped is not offered, so run the quick grids
+        MODA_TEST_QUICK=1 MODA_GPU_TEST_NO_SANITIZER=0 timeout ${TEST_TIMEOUT:-300} bash tests/gpu/run.sh "$BUILD/gpu_sel" > "$OUT/gpu_test.log" 2>&1
+    fi
+    rc=$?
+    grep -E "FAIL|passed|failed|sampled|skip|ERROR SUMMARY|==" "$OUT/gpu_test.log" | head -60
+    note "gpu tests (sanitizers $([ $ns = 0 ] && echo on || echo off)): rc=$rc ($(( $(date +%s) - t1 )) s)"
+fi
+if has bench; then
+    t1=$(date +%s)
+    bench_cmd="./$BUILD/moda bench"
+    [ -x "$BUILD/moda" ] || bench_cmd="./$BUILD/moda_bench_cuda"
+    timeout ${BENCH_TIMEOUT:-200} $bench_cmd --device cuda --shapes "$SHAPES" ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" > "$OUT/bench_cuda.log" 2>&1
+    note "moda bench: rc=$? ($(( $(date +%s) - t1 )) s)"
+fi
+if has sdpa; then
+    t1=$(date +%s)
+    PYTHONUNBUFFERED=1 PYTHONPATH=python MODA_LIBRARY="$PWD/$BUILD/libmoda.so" timeout ${SDPA_TIMEOUT:-200} python3 bench/compare_sdpa.py \
+        --lib "$BUILD/libmoda.so" --shapes "$SHAPES" ${SDPA_ARGS:-} --json "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1
+    note "compare_sdpa: rc=$? ($(( $(date +%s) - t1 )) s)"
+fi
+echo
+[ -f "$OUT/bench_cuda.log" ] && cat "$OUT/bench_cuda.log"
+[ -f "$OUT/sdpa.log" ] && tail -12 "$OUT/sdpa.log"
+echo
+cat "$summary"

@@ -1,0 +1,76 @@
+/*
+ * backward_common.cuh - private to the CUDA backward (src/cuda/backward*.cu).
+ *
+ * The backward runs as a short pipeline on the caller's stream (docs/cuda_backward_notes.md):
+ *   1. preprocess:   Delta[row] = <dO, O>                         (fp32 workspace)
+ *   2. depth:        dQacc[row] = s * sum over depth keys of dz*kd (fp32 workspace), dKd, dVd
+ *   3. sequence dK/dV: key-block-major, each CTA owns its keys     (no atomics)
+ *   4. sequence dQ:  row-block-major, adds dQacc, writes dq        (no atomics)
+ * Every output element is produced by exactly one thread in a fixed summation order, so the result is
+ * bitwise reproducible run to run; there is no separate non-deterministic mode.
+ */
+#ifndef MODA_CUDA_BACKWARD_COMMON_CUH
+#define MODA_CUDA_BACKWARD_COMMON_CUH
+
+#include "common.cuh"
+
+#include <stdint.h>
+
+/* Strides of one operand, 64-bit, in the operand's logical dimension order (innermost last). */
+typedef struct bw_view {
+    char *data; /* byte pointer; element offsets are scaled by the dtype size */
+    int dtype;  /* moda_dtype */
+    int64_t s0, s1, s2, s3, s4;
+} bw_view;
+
+/* Everything a backward kernel needs, passed by value. */
+typedef struct bw_params {
+    int64_t B, T, Hk, G, d, dv, d0, d1, chunk_size;
+    int causal, sequence, chunk, accumulate;
+    float scale;      /* s */
+    float scale_log2; /* s * log2(e): logits in the exp2 domain */
+    bw_view q, k, v, kd, vd, o, lse, dout, dq, dk, dv_, dkd, dvd;
+    float *delta; /* [B*T*Hk*G] */
+    float *dqacc; /* [B*T*Hk*G, d] depth part of dQ, NULL when no depth slot is visible */
+} bw_params;
+
+#define BW_LOG2E 1.4426950408889634f
+
+/* Row index of (b, t, h, g) in the fp32 workspace arrays. */
+static __device__ __forceinline__ int64_t bw_row(const bw_params &p, int64_t b, int64_t t, int64_t h, int64_t g) {
+    return ((b * p.T + t) * p.Hk + h) * p.G + g;
+}
+
+static __device__ __forceinline__ float bw_load(const bw_view &a, int64_t off) {
+    return moda_load_f(a.data, a.dtype, off);
+}
+static __device__ __forceinline__ void bw_store(const bw_view &a, int64_t off, float x) {
+    switch (a.dtype) {
+    case MODA_F16: ((__half *)a.data)[off] = __float2half_rn(x); break;
+    case MODA_BF16: ((__nv_bfloat16 *)a.data)[off] = __float2bfloat16_rn(x); break;
+    default: ((float *)a.data)[off] = x; break;
+    }
+}
+
+static __device__ __forceinline__ int64_t bw_off4(const bw_view &a, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+    return i0 * a.s0 + i1 * a.s1 + i2 * a.s2 + i3 * a.s3;
+}
+static __device__ __forceinline__ int64_t bw_off5(const bw_view &a, int64_t i0, int64_t i1, int64_t i2, int64_t i3,
+                                                  int64_t i4) {
+    return i0 * a.s0 + i1 * a.s1 + i2 * a.s2 + i3 * a.s3 + i4 * a.s4;
+}
+
+/* exp2 that maps -inf to +0 (ex2.approx does; the masked and padded logits rely on it). */
+static __device__ __forceinline__ float bw_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Fast (tensor-core) launchers, src/cuda/backward_mma.cu. Return cudaSuccess or the launch error. They assume
+ * bw_mma_supported() holds. */
+int bw_mma_supported(const moda_problem *p);
+cudaError_t bw_launch_mma_dkdv(const bw_params *bp, cudaStream_t stream);
+cudaError_t bw_launch_mma_dq(const bw_params *bp, cudaStream_t stream);
+
+#endif /* MODA_CUDA_BACKWARD_COMMON_CUH */

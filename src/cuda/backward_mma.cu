@@ -1,0 +1,389 @@
+/*
+ * backward_mma.cu - tensor-core (mma.sync m16n8k16, fp32 accumulation) kernels of the sequence part of the
+ * backward, for f16/bf16 with d = dv in {64, 128}. FlashAttention-2's recomputation scheme, split in two
+ * passes so that no output needs atomics (determinism, spec.md §3):
+ *
+ *   dK/dV pass: a CTA owns 64 keys of one (b, h); each of its 4 warps owns 16 keys and walks every query row
+ *     r = t*G + g that sees them:  S^T = K Q^T, P^T = exp2(S^T s log2e - lse2), dP^T = V dO^T,
+ *     dS^T = P^T (dP^T - Delta),  dV += P^T dO,  dK += dS^T Q.
+ *   dQ pass: a CTA owns 64 query rows; each warp owns 16 rows and walks every key they see:
+ *     S = Q K^T, P, dP = dO V^T, dS,  dQ += dS K;  finally dq = s dQ + dQacc (the depth part).
+ *
+ * The probabilities and dS never leave registers: an m16n8 accumulator pair is exactly the A fragment of the
+ * next product (the FlashAttention-2 register reuse). Q/dO (dK/dV pass) and K/V (dQ pass) stream through
+ * shared memory double-buffered with cp.async; rows are padded by 8 elements so that ldmatrix reads of 8
+ * rows hit 8 different 16-byte bank groups.
+ */
+#include "backward_common.cuh"
+
+#define BW_MMA_THREADS 128
+#define BW_MMA_WARPS 4
+
+/* Thin adapters over common.cuh's instruction wrappers, in the shapes the loops below use. */
+template <typename E>
+static __device__ __forceinline__ void bw_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    moda_mma<E>::run(c, a, b0, b1);
+}
+static __device__ __forceinline__ void bw_ldsm4(uint32_t (&r)[4], const void *p) {
+    moda_ldmatrix_x4(r, moda_smem_addr(p));
+}
+static __device__ __forceinline__ void bw_ldsm4_t(uint32_t (&r)[4], const void *p) {
+    moda_ldmatrix_x4_trans(r, moda_smem_addr(p));
+}
+static __device__ __forceinline__ void bw_cp16(void *smem, const void *gmem, bool valid) {
+    moda_cp_async16(moda_smem_addr(smem), gmem, valid);
+}
+
+/* Copies ROWS rows of D elements into a padded shared tile; row i of the tile is query row r0 + i of head
+ * (b, h) (QROWS: r = t*G + g of operand a) or key r0 + i (else). Rows at or past `nrows` become zeros. */
+template <typename E, int D, int ROWS, bool QROWS>
+static __device__ __forceinline__ void bw_load_tile(E *tile, const bw_view &a, int64_t b, int64_t h, int G, int r0,
+                                                    int nrows) {
+    constexpr int LD = D + 8, CPR = D / 8; /* 16-byte chunks per row */
+    constexpr int RPP = BW_MMA_THREADS / CPR; /* rows per pass */
+    const int c = threadIdx.x % CPR;
+#pragma unroll
+    for (int i = threadIdx.x / CPR; i < ROWS; i += RPP) {
+        const int r = r0 + i;
+        const bool ok = r < nrows;
+        int64_t off = 0;
+        if (ok) off = QROWS ? bw_off4(a, b, r / G, h, r % G) : bw_off4(a, b, r, h, 0);
+        bw_cp16(tile + i * LD + c * 8, (const E *)a.data + off + c * 8, ok);
+    }
+}
+
+/* Per-row softmax statistics of a tile of query rows: lse in the exp2 domain (+inf for padding rows, which
+ * makes their probabilities exactly 0), Delta, and the row's token index (for the causal mask). */
+static __device__ __forceinline__ void bw_load_row_stats(const bw_params &p, int64_t b, int64_t h, int r0, int rows,
+                                                         float *lse2, float *dl, int *tok) {
+    const int nrows = (int)(p.T * p.G), G = (int)p.G;
+    for (int i = threadIdx.x; i < rows; i += BW_MMA_THREADS) {
+        const int r = r0 + i;
+        if (r < nrows) {
+            const int t = r / G, g = r % G;
+            lse2[i] = bw_load(p.lse, bw_off4(p.lse, b, t, h, g)) * BW_LOG2E;
+            dl[i] = p.delta[bw_row(p, b, t, h, g)];
+            tok[i] = t;
+        } else {
+            lse2[i] = __int_as_float(0x7f800000);
+            dl[i] = 0.f;
+            tok[i] = 0;
+        }
+    }
+}
+
+/* acc[M16 x 8*NT] += A(16 x 16*KT, A fragments given per k-tile by afrag) * B, where B (k x n) is read from a
+ * shared tile stored n-major ([n][k], the "col" operand: K rows for S = Q K^T) with row stride LD. */
+template <typename E, int KT, int NT, int LD>
+static __device__ __forceinline__ void bw_mma_nk(float (&acc)[NT][4], const uint32_t (&afrag)[KT][4], const E *bs,
+                                                 int lane) {
+#pragma unroll
+    for (int kt = 0; kt < KT; kt++) {
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            uint32_t r[4];
+            bw_ldsm4(r, bs + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kt * 16 + ((lane >> 3) & 1) * 8);
+            bw_mma<E>(acc[2 * np], afrag[kt], r[0], r[1]);
+            bw_mma<E>(acc[2 * np + 1], afrag[kt], r[2], r[3]);
+        }
+    }
+}
+
+/* acc[16 x 8*NT] += X(16 x 16*KT) * B, X given as m16n8 accumulators x[2*KT][4] (probabilities or dS, packed
+ * to A fragments here), B (k x n) read from a shared tile stored k-major ([k][n]) with row stride LD. */
+template <typename E, int KT, int NT, int LD>
+static __device__ __forceinline__ void bw_mma_kn(float (&acc)[NT][4], const float (&x)[2 * KT][4], const E *bs,
+                                                 int lane) {
+#pragma unroll
+    for (int kt = 0; kt < KT; kt++) {
+        uint32_t a[4];
+        a[0] = moda_dt<E>::pack2(x[2 * kt][0], x[2 * kt][1]);
+        a[1] = moda_dt<E>::pack2(x[2 * kt][2], x[2 * kt][3]);
+        a[2] = moda_dt<E>::pack2(x[2 * kt + 1][0], x[2 * kt + 1][1]);
+        a[3] = moda_dt<E>::pack2(x[2 * kt + 1][2], x[2 * kt + 1][3]);
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            uint32_t r[4];
+            bw_ldsm4_t(r, bs + (kt * 16 + (lane & 15)) * LD + np * 16 + (lane >> 4) * 8);
+            bw_mma<E>(acc[2 * np], a, r[0], r[1]);
+            bw_mma<E>(acc[2 * np + 1], a, r[2], r[3]);
+        }
+    }
+}
+
+/* A fragments of the 16 rows starting at row m0 of a shared tile, for every k-tile. */
+template <typename E, int KT, int LD>
+static __device__ __forceinline__ void bw_load_afrag(uint32_t (&a)[KT][4], const E *s, int m0, int lane) {
+#pragma unroll
+    for (int kt = 0; kt < KT; kt++) bw_ldsm4(a[kt], s + (m0 + (lane & 15)) * LD + kt * 16 + (lane >> 4) * 8);
+}
+
+/* Stores a warp's 16 x D accumulator (times `mul`) to rows of a global operand; row i of the fragment goes to
+ * element offset rowoff[i] (negative: skip). */
+template <typename E, int NT>
+static __device__ __forceinline__ void bw_store_acc(const float (&acc)[NT][4], float mul, E *base, int64_t off_lo,
+                                                    int64_t off_hi, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int col = nt * 8 + (lane & 3) * 2;
+        if (off_lo >= 0) *(uint32_t *)(base + off_lo + col) = moda_dt<E>::pack2(acc[nt][0] * mul, acc[nt][1] * mul);
+        if (off_hi >= 0) *(uint32_t *)(base + off_hi + col) = moda_dt<E>::pack2(acc[nt][2] * mul, acc[nt][3] * mul);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* dK/dV pass. grid (key blocks, Hk, B); BM query rows per step.                                           */
+/* ------------------------------------------------------------------------------------------------------ */
+template <typename E, int D, int BM>
+__global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dkdv_kernel(bw_params p) {
+    constexpr int BN = 16 * BW_MMA_WARPS, LD = D + 8, KT = D / 16, NTD = D / 8, NTM = BM / 8;
+    extern __shared__ __align__(16) unsigned char bw_smem[];
+    E *Ks = (E *)bw_smem, *Vs = Ks + BN * LD, *Qs = Vs + BN * LD, *dOs = Qs + 2 * BM * LD;
+    float *lse2 = (float *)(dOs + 2 * BM * LD), *dls = lse2 + 2 * BM;
+    int *toks = (int *)(dls + 2 * BM);
+
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int G = (int)p.G, T = (int)p.T, nrows = T * G;
+    const int nkb = (T + BN - 1) / BN;
+    /* causal: the first key blocks see the most rows; start them first */
+    const int kb = p.causal ? nkb - 1 - (int)blockIdx.x : (int)blockIdx.x;
+    const int64_t h = blockIdx.y, b = blockIdx.z;
+    const int j0 = kb * BN;
+    const int rbeg = p.causal ? j0 * G : 0;
+    const int nsteps = (nrows - rbeg + BM - 1) / BM;
+
+    bw_load_tile<E, D, BN, false>(Ks, p.k, b, h, G, j0, T);
+    bw_load_tile<E, D, BN, false>(Vs, p.v, b, h, G, j0, T);
+    bw_load_tile<E, D, BM, true>(Qs, p.q, b, h, G, rbeg, nrows);
+    bw_load_tile<E, D, BM, true>(dOs, p.dout, b, h, G, rbeg, nrows);
+    moda_cp_async_commit();
+    bw_load_row_stats(p, b, h, rbeg, BM, lse2, dls, toks);
+
+    float dk[NTD][4], dv[NTD][4];
+#pragma unroll
+    for (int n = 0; n < NTD; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) dk[n][c] = dv[n][c] = 0.f;
+
+    const int jlo = j0 + w * 16 + (lane >> 2), jhi = jlo + 8; /* the two keys of this thread's fragment rows */
+    for (int it = 0; it < nsteps; it++) {
+        const int buf = it & 1;
+        if (it + 1 < nsteps) {
+            const int r1 = rbeg + (it + 1) * BM, nb = buf ^ 1;
+            bw_load_tile<E, D, BM, true>(Qs + nb * BM * LD, p.q, b, h, G, r1, nrows);
+            bw_load_tile<E, D, BM, true>(dOs + nb * BM * LD, p.dout, b, h, G, r1, nrows);
+            moda_cp_async_commit();
+            bw_load_row_stats(p, b, h, r1, BM, lse2 + nb * BM, dls + nb * BM, toks + nb * BM);
+            moda_cp_async_wait<1>();
+        } else {
+            moda_cp_async_wait<0>();
+        }
+        __syncthreads();
+        const E *qs = Qs + buf * BM * LD, *ds = dOs + buf * BM * LD;
+        const float *l2 = lse2 + buf * BM, *dl = dls + buf * BM;
+        const int *tk = toks + buf * BM;
+
+        float s[NTM][4];
+#pragma unroll
+        for (int n = 0; n < NTM; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) s[n][c] = 0.f;
+        {
+            uint32_t ka[KT][4];
+            bw_load_afrag<E, KT, LD>(ka, Ks, w * 16, lane);
+            bw_mma_nk<E, KT, NTM, LD>(s, ka, qs, lane);
+        }
+#pragma unroll
+        for (int n = 0; n < NTM; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int col = n * 8 + (lane & 3) * 2 + (c & 1);
+                const int j = (c & 2) ? jhi : jlo;
+                const bool masked = p.causal && j > tk[col];
+                s[n][c] = masked ? 0.f : bw_exp2(s[n][c] * p.scale_log2 - l2[col]);
+            }
+        bw_mma_kn<E, NTM / 2, NTD, LD>(dv, s, ds, lane);
+
+        float dp[NTM][4];
+#pragma unroll
+        for (int n = 0; n < NTM; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) dp[n][c] = 0.f;
+        {
+            uint32_t va[KT][4];
+            bw_load_afrag<E, KT, LD>(va, Vs, w * 16, lane);
+            bw_mma_nk<E, KT, NTM, LD>(dp, va, ds, lane);
+        }
+#pragma unroll
+        for (int n = 0; n < NTM; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int col = n * 8 + (lane & 3) * 2 + (c & 1);
+                dp[n][c] = s[n][c] * (dp[n][c] - dl[col]);
+            }
+        bw_mma_kn<E, NTM / 2, NTD, LD>(dk, dp, qs, lane);
+        __syncthreads(); /* the next step's prefetch overwrites this buffer */
+    }
+
+    const int64_t olo = jlo < T ? bw_off4(p.dk, b, jlo, h, 0) : -1, ohi = jhi < T ? bw_off4(p.dk, b, jhi, h, 0) : -1;
+    bw_store_acc<E, NTD>(dk, p.scale, (E *)p.dk.data, olo, ohi, lane);
+    const int64_t vlo = jlo < T ? bw_off4(p.dv_, b, jlo, h, 0) : -1, vhi = jhi < T ? bw_off4(p.dv_, b, jhi, h, 0) : -1;
+    bw_store_acc<E, NTD>(dv, 1.f, (E *)p.dv_.data, vlo, vhi, lane);
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* dQ pass. grid (row blocks of 64 rows, Hk, B); BN keys per step.                                          */
+/* ------------------------------------------------------------------------------------------------------ */
+template <typename E, int D, int BN>
+__global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dq_kernel(bw_params p) {
+    constexpr int BM = 16 * BW_MMA_WARPS, LD = D + 8, KT = D / 16, NTD = D / 8, NTN = BN / 8;
+    extern __shared__ __align__(16) unsigned char bw_smem[];
+    E *Qs = (E *)bw_smem, *dOs = Qs + BM * LD, *Ks = dOs + BM * LD, *Vs = Ks + 2 * BN * LD;
+    float *lse2 = (float *)(Vs + 2 * BN * LD), *dls = lse2 + BM;
+    int *toks = (int *)(dls + BM);
+
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int G = (int)p.G, T = (int)p.T, nrows = T * G;
+    const int nrb = (nrows + BM - 1) / BM;
+    const int rb = p.causal ? nrb - 1 - (int)blockIdx.x : (int)blockIdx.x; /* heavy (late) rows first */
+    const int64_t h = blockIdx.y, b = blockIdx.z;
+    const int r0 = rb * BM;
+    const int rlast = (r0 + BM < nrows ? r0 + BM : nrows) - 1;
+    const int jend = p.causal ? rlast / G + 1 : T;
+    const int nsteps = (jend + BN - 1) / BN;
+
+    bw_load_tile<E, D, BM, true>(Qs, p.q, b, h, G, r0, nrows);
+    bw_load_tile<E, D, BM, true>(dOs, p.dout, b, h, G, r0, nrows);
+    bw_load_tile<E, D, BN, false>(Ks, p.k, b, h, G, 0, T);
+    bw_load_tile<E, D, BN, false>(Vs, p.v, b, h, G, 0, T);
+    moda_cp_async_commit();
+    bw_load_row_stats(p, b, h, r0, BM, lse2, dls, toks);
+    moda_cp_async_wait<0>();
+    __syncthreads();
+
+    uint32_t qa[KT][4], da[KT][4];
+    bw_load_afrag<E, KT, LD>(qa, Qs, w * 16, lane);
+    bw_load_afrag<E, KT, LD>(da, dOs, w * 16, lane);
+    const int rlo = w * 16 + (lane >> 2), rhi = rlo + 8;
+    const float l2lo = lse2[rlo], l2hi = lse2[rhi], dllo = dls[rlo], dlhi = dls[rhi];
+    const int tlo = toks[rlo], thi = toks[rhi];
+
+    float dq[NTD][4];
+#pragma unroll
+    for (int n = 0; n < NTD; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) dq[n][c] = 0.f;
+
+    for (int it = 0; it < nsteps; it++) {
+        const int buf = it & 1;
+        if (it + 1 < nsteps) {
+            const int j1 = (it + 1) * BN, nb = buf ^ 1;
+            bw_load_tile<E, D, BN, false>(Ks + nb * BN * LD, p.k, b, h, G, j1, T);
+            bw_load_tile<E, D, BN, false>(Vs + nb * BN * LD, p.v, b, h, G, j1, T);
+            moda_cp_async_commit();
+            moda_cp_async_wait<1>();
+        } else {
+            moda_cp_async_wait<0>();
+        }
+        __syncthreads();
+        const E *ks = Ks + buf * BN * LD, *vs = Vs + buf * BN * LD;
+        const int kb0 = it * BN;
+
+        float s[NTN][4], dp[NTN][4];
+#pragma unroll
+        for (int n = 0; n < NTN; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) s[n][c] = dp[n][c] = 0.f;
+        bw_mma_nk<E, KT, NTN, LD>(s, qa, ks, lane);
+        bw_mma_nk<E, KT, NTN, LD>(dp, da, vs, lane);
+#pragma unroll
+        for (int n = 0; n < NTN; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int j = kb0 + n * 8 + (lane & 3) * 2 + (c & 1);
+                const bool hi = (c & 2) != 0;
+                const bool masked = j >= T || (p.causal && j > (hi ? thi : tlo));
+                const float pr = masked ? 0.f : bw_exp2(s[n][c] * p.scale_log2 - (hi ? l2hi : l2lo));
+                s[n][c] = pr * (dp[n][c] - (hi ? dlhi : dllo));
+            }
+        bw_mma_kn<E, NTN / 2, NTD, LD>(dq, s, ks, lane);
+        __syncthreads();
+    }
+
+    /* dq = s * dQ(sequence) + dQacc(depth, already scaled) */
+    const int glo = r0 + rlo, ghi = r0 + rhi;
+    E *base = (E *)p.dq.data;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int r = half ? ghi : glo;
+        if (r >= nrows) continue;
+        const int t = r / G, g = r % G;
+        const int64_t off = bw_off4(p.dq, b, t, h, g);
+        const float *acc_row = p.dqacc ? p.dqacc + bw_row(p, b, t, h, g) * D : NULL;
+#pragma unroll
+        for (int nt = 0; nt < NTD; nt++) {
+            const int col = nt * 8 + (lane & 3) * 2;
+            float x0 = dq[nt][half * 2] * p.scale, x1 = dq[nt][half * 2 + 1] * p.scale;
+            if (acc_row) {
+                const float2 a = *(const float2 *)(acc_row + col);
+                x0 += a.x;
+                x1 += a.y;
+            }
+            *(uint32_t *)(base + off + col) = moda_dt<E>::pack2(x0, x1);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Host side: which problems take this path, and the launches.                                              */
+/* ------------------------------------------------------------------------------------------------------ */
+static int bw_aligned(const moda_operand *a, int ndim) {
+    if (((uintptr_t)a->data & 15) != 0 || a->stride[ndim - 1] != 1) return 0;
+    for (int i = 0; i < ndim - 1; i++)
+        if (a->stride[i] % 8 != 0) return 0;
+    return 1;
+}
+
+int bw_mma_supported(const moda_problem *p) {
+    if (p->dtype != MODA_F16 && p->dtype != MODA_BF16) return 0;
+    if (p->d != p->dv || (p->d != 64 && p->d != 128)) return 0;
+    if (!p->sequence) return 0;
+    /* row indices r = t*G + g and token indices are 32-bit inside the kernels (offsets stay 64-bit) */
+    if (p->T * p->G >= ((int64_t)1 << 30) || p->B > 65535 || p->Hk > 65535) return 0;
+    return bw_aligned(&p->q, 5) && bw_aligned(&p->grad_o, 5) && bw_aligned(&p->grad_q, 5) &&
+           bw_aligned(&p->k, 4) && bw_aligned(&p->v, 4) && bw_aligned(&p->grad_k, 4) && bw_aligned(&p->grad_v, 4);
+}
+
+template <typename E, int D, int BM> static cudaError_t bw_run_dkdv(const bw_params *bp, cudaStream_t st) {
+    constexpr int BN = 16 * BW_MMA_WARPS, LD = D + 8;
+    const size_t smem = (size_t)(2 * BN * LD + 4 * BM * LD) * sizeof(E) + (size_t)2 * BM * 12;
+    cudaError_t e = cudaFuncSetAttribute(bw_mma_dkdv_kernel<E, D, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+    if (e != cudaSuccess) return e;
+    const dim3 grid((unsigned)((bp->T + BN - 1) / BN), (unsigned)bp->Hk, (unsigned)bp->B);
+    bw_mma_dkdv_kernel<E, D, BM><<<grid, BW_MMA_THREADS, smem, st>>>(*bp);
+    return cudaGetLastError();
+}
+
+template <typename E, int D, int BN> static cudaError_t bw_run_dq(const bw_params *bp, cudaStream_t st) {
+    constexpr int BM = 16 * BW_MMA_WARPS, LD = D + 8;
+    const size_t smem = (size_t)(2 * BM * LD + 4 * BN * LD) * sizeof(E) + (size_t)BM * 12;
+    cudaError_t e = cudaFuncSetAttribute(bw_mma_dq_kernel<E, D, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+    if (e != cudaSuccess) return e;
+    const dim3 grid((unsigned)((bp->T * bp->G + BM - 1) / BM), (unsigned)bp->Hk, (unsigned)bp->B);
+    bw_mma_dq_kernel<E, D, BN><<<grid, BW_MMA_THREADS, smem, st>>>(*bp);
+    return cudaGetLastError();
+}
+
+cudaError_t bw_launch_mma_dkdv(const bw_params *bp, cudaStream_t st) {
+    const int bf = bp->q.dtype == MODA_BF16;
+    if (bp->d == 64) return bf ? bw_run_dkdv<__nv_bfloat16, 64, 64>(bp, st) : bw_run_dkdv<__half, 64, 64>(bp, st);
+    return bf ? bw_run_dkdv<__nv_bfloat16, 128, 32>(bp, st) : bw_run_dkdv<__half, 128, 32>(bp, st);
+}
+
+cudaError_t bw_launch_mma_dq(const bw_params *bp, cudaStream_t st) {
+    const int bf = bp->q.dtype == MODA_BF16;
+    if (bp->d == 64) return bf ? bw_run_dq<__nv_bfloat16, 64, 64>(bp, st) : bw_run_dq<__half, 64, 64>(bp, st);
+    return bf ? bw_run_dq<__nv_bfloat16, 128, 32>(bp, st) : bw_run_dq<__half, 128, 32>(bp, st);
+}
