@@ -111,6 +111,7 @@ static void grid(tu_rng *r, cudaStream_t stream) {
         {2, 45, 2, 8, 128, 128, 3, 0, 3, 0, 1, 0, 1, TU_LAYOUT_STRIDED, 0},     /* strided d = 128 */
         {1, 77, 2, 3, 80, 48, 7, 2, 7, 1, 1, 1, 5, TU_LAYOUT_FOLDED, 0},        /* generic, chunk, folded */
         {1, 64, 1, 1, 64, 64, 64, 0, 64, 1, 1, 0, 1, TU_LAYOUT_STANDARD, 0.3},  /* G = 1, explicit scale */
+        {1, 70, 2, 2, 64, 64, 8, 0, 8, 1, 1, 0, 1, TU_LAYOUT_STANDARD, -0.3}, /* negative scale: generic route */
         {1, 200, 1, 16, 64, 64, 1, 0, 1, 1, 1, 0, 1, TU_LAYOUT_STANDARD, 0},    /* many row blocks */
     };
     const int quick = tu_quick();
