@@ -1,0 +1,161 @@
+/*
+ * test_model_grad - the full model's gradients against central finite differences, in float64.
+ *
+ * The model core is compiled twice (model_core.h as float and as double); the double twin runs the operator's
+ * MODA_F64 path (the float64 reference) and cblas_dgemm, so finite differences with h = 1e-5 are accurate to
+ * about 1e-9 and the check can be tight. Every parameter of a tiny configuration of every variant is
+ * perturbed: depth none / attn / attn+ffn / attn+ffn+extra-attn, pre- and post-norm, QK-norm on and off,
+ * tied and untied, and a bounded depth window. Then the float32 model (the operator's fast f32 path, sgemm)
+ * must give the same gradients to float32 accuracy.
+ */
+#include "model.h"
+#include "testutil.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+static moda_model_config tiny(int depth, int post, int qk, int tied, int64_t window) {
+    moda_model_config c = moda_model_config_default();
+    c.V = 11;
+    c.D = 8;
+    c.N = 3;
+    c.Hq = 2;
+    c.Hk = 1;
+    c.d = 4;
+    c.F = 12;
+    c.rope_base = 100.0;
+    c.depth = (moda_depth_source)depth;
+    c.post_norm = post;
+    c.qk_norm = qk;
+    c.tied = tied;
+    c.window = window;
+    return c;
+}
+
+/* Parameters large enough that every nonlinearity (softmax, SiLU, norms) is far from linear. */
+static void randomize(moda_model *m, tu_rng *r) {
+    double *p = moda_model_params(m);
+    for (int i = 0; i < moda_model_num_tensors(m); i++) {
+        const moda_param_info *t = moda_model_tensor(m, i);
+        for (int64_t j = 0; j < t->rows * t->cols; j++)
+            p[t->offset + j] = t->matrix ? 0.35 * tu_normal(r) : 1.0 + 0.3 * tu_normal(r);
+    }
+}
+
+static void check_variant(const moda_model_config *c, tu_rng *r, int64_t B, int64_t T) {
+    char name[256];
+    moda_model_config_str(c, name, sizeof name);
+    moda_model *m = NULL;
+    moda_status st = moda_model_create(&m, c, MODA_F64, B, T);
+    TU_CHECK(st == MODA_OK, "create f64 %s: %s", name, moda_model_error());
+    if (st != MODA_OK) return;
+    randomize(m, r);
+    const int64_t n = moda_model_num_params(m), M = B * T;
+    int32_t *in = malloc((size_t)M * sizeof(int32_t)), *tg = malloc((size_t)M * sizeof(int32_t));
+    for (int64_t i = 0; i < M; i++) {
+        in[i] = (int32_t)(tu_next(r) % (uint64_t)c->V);
+        tg[i] = (int32_t)(tu_next(r) % (uint64_t)c->V);
+    }
+    double loss;
+    st = moda_model_step(m, in, tg, 1, &loss);
+    TU_CHECK(st == MODA_OK && isfinite(loss), "step %s: %s", name, moda_model_error());
+    double *p = moda_model_params(m), *g = malloc((size_t)n * sizeof(double));
+    memcpy(g, moda_model_grads(m), (size_t)n * sizeof(double));
+    double gmax = 0, worst = 0;
+    int64_t worst_i = -1;
+    const double h = 1e-6;
+    int64_t checked = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (fabs(g[i]) > gmax) gmax = fabs(g[i]);
+        /* MODA_TEST_QUICK (sanitizer builds): a random third of the larger tensors */
+        const moda_param_info *t = NULL;
+        for (int ti = 0; ti < moda_model_num_tensors(m); ti++) {
+            const moda_param_info *u = moda_model_tensor(m, ti);
+            if (i >= u->offset && i < u->offset + u->rows * u->cols) t = u;
+        }
+        if (t->rows * t->cols > 32 && tu_quick() && tu_next(r) % 3 != 0) continue;
+        checked++;
+        double keep = p[i], lp, lm;
+        p[i] = keep + h;
+        moda_model_step(m, in, tg, 0, &lp);
+        p[i] = keep - h;
+        moda_model_step(m, in, tg, 0, &lm);
+        p[i] = keep;
+        double fd = (lp - lm) / (2 * h), err = fabs(fd - g[i]);
+        if (err > worst) {
+            worst = err;
+            worst_i = i;
+        }
+    }
+    double rel = worst / (gmax > 0 ? gmax : 1);
+    /* a wrong term in any backward formula shows up at 1e-2..1; FD truncation and rounding are ~1e-9 here */
+    TU_CHECK(rel < 1e-7 && gmax > 0, "FD %s: max |fd - grad| = %.3e (relative %.3e) at parameter %lld, max |grad| %.3e",
+             name, worst, rel, (long long)worst_i, gmax);
+    printf("  fd   %-92s %4lld of %4lld  max|grad| %.3e  max err %.2e  rel %.2e\n", name, (long long)checked,
+           (long long)n, gmax, worst, rel);
+
+    /* the float32 model on the same parameters: the trainer's path */
+    moda_model *m32 = NULL;
+    st = moda_model_create(&m32, c, MODA_F32, B, T);
+    TU_CHECK(st == MODA_OK, "create f32 %s: %s", name, moda_model_error());
+    if (st == MODA_OK) {
+        float *p32 = moda_model_params(m32);
+        for (int64_t i = 0; i < n; i++) p32[i] = (float)p[i];
+        /* the reference gradients at the float-rounded parameters */
+        for (int64_t i = 0; i < n; i++) p[i] = (double)p32[i];
+        double l64, l32;
+        moda_model_step(m, in, tg, 1, &l64);
+        st = moda_model_step(m32, in, tg, 1, &l32);
+        TU_CHECK(st == MODA_OK, "f32 step %s: %s", name, moda_model_error());
+        const double *g64 = moda_model_grads(m);
+        const float *g32 = moda_model_grads(m32);
+        double num = 0, den = 0;
+        int64_t bad = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (!isfinite(g32[i])) bad++;
+            num += (g32[i] - g64[i]) * (g32[i] - g64[i]);
+            den += g64[i] * g64[i];
+        }
+        double relg = sqrt(num / (den > 0 ? den : 1));
+        TU_CHECK(bad == 0 && relg < 2e-5 && fabs(l32 - l64) < 1e-5 * fabs(l64),
+                 "f32 vs f64 %s: loss %.9f vs %.9f, gradient relative L2 %.3e, %lld non-finite", name, l32, l64, relg,
+                 (long long)bad);
+        printf("  f32  %-92s loss err %.1e  grad rel L2 %.2e\n", name, fabs(l32 - l64), relg);
+        moda_model_free(m32);
+    }
+    free(g);
+    free(in);
+    free(tg);
+    moda_model_free(m);
+}
+
+int main(void) {
+    tu_rng r = tu_rng_from_env("test_model_grad");
+    /* tiny shapes: threads only add synchronisation */
+    omp_set_num_threads(1);
+    openblas_set_num_threads(1);
+    int k = 0;
+    for (int depth = 0; depth < 4; depth++)
+        for (int post = 0; post < 2; post++)
+            for (int qk = 0; qk < 2; qk++) {
+                moda_model_config c = tiny(depth, post, qk, (k++) % 2, -1);
+                check_variant(&c, &r, 2, 5);
+            }
+    /* bounded depth window: block 2 of attn+ffn sees slots [1, 4) with S = 3, and none with S = 0 */
+    moda_model_config c = tiny(MODA_DEPTH_SRC_ATTN_FFN, 0, 1, 0, 3);
+    check_variant(&c, &r, 2, 5);
+    c = tiny(MODA_DEPTH_SRC_EXTRA, 1, 0, 1, 1);
+    check_variant(&c, &r, 1, 6);
+    c = tiny(MODA_DEPTH_SRC_ATTN, 0, 0, 0, 0);
+    check_variant(&c, &r, 2, 4);
+    /* GQA with G = 2 and two KV heads */
+    c = tiny(MODA_DEPTH_SRC_ATTN_FFN, 1, 1, 0, -1);
+    c.Hq = 4;
+    c.Hk = 2;
+    c.d = 2;
+    check_variant(&c, &r, 2, 3);
+    return tu_finish("test_model_grad");
+}
