@@ -2,13 +2,13 @@
 # device_run.sh - the ONE script run on the GPU machine: builds, checks, times everything in one call, writes
 # logs under $OUT and prints a short table last.
 #   bash bench/device_run.sh            # build + gpu tests + sanitizers + moda bench + SDPA comparison
-# Stages can be narrowed with STAGES="build test sanitize bench sdpa" (default: all of them);
+# Stages can be narrowed with STAGES="build test sanitize check pytest bench sdpa" (default: all of them);
 # BENCH_SHAPES=S1,S3 narrows the timed shapes; MODA_GPU_TEST_FILTER=forward runs only gpu_*forward*;
 # BENCH_ARGS / SDPA_ARGS add options to the two timers (e.g. --no-backward to both).
 set -u
 OUT=${OUT:-/tmp/moda_device_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build test sanitize bench sdpa"}
+STAGES=${STAGES:-"build test sanitize check pytest bench sdpa"}
 SHAPES=${BENCH_SHAPES:-S1,S2,S3,S4,S5}
 BUILD=${BUILD_DIR:-build-device}
 # The device copy of the tree may have no .git: the caller can pass MODA_GIT_COMMIT=<hash> on the command line.
@@ -70,6 +70,21 @@ if has test || has sanitize; then
     rc=$?
     grep -E "FAIL|passed|failed|sampled|skip|ERROR SUMMARY|==" "$OUT/gpu_test.log" | head -60
     note "gpu tests (sanitizers $([ $ns = 0 ] && echo on || echo off)): rc=$rc ($(( $(date +%s) - t1 )) s)"
+fi
+if has check; then
+    t1=$(date +%s)
+    timeout ${CHECK_TIMEOUT:-120} ./$BUILD/moda check --device cuda > "$OUT/check.log" 2>&1
+    rc=$?
+    tail -14 "$OUT/check.log"
+    note "moda check --device cuda: rc=$rc ($(( $(date +%s) - t1 )) s)"
+fi
+if has pytest; then
+    t1=$(date +%s)
+    MODA_LIBRARY="$PWD/$BUILD/libmoda.so" PYTHONPATH=python timeout ${PYTEST_TIMEOUT:-240} \
+        bash python/tests/run_gpu_tests.sh -q > "$OUT/pytest_gpu.log" 2>&1
+    rc=$?
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -12
+    note "python GPU tests: rc=$rc ($(( $(date +%s) - t1 )) s)"
 fi
 if has bench; then
     t1=$(date +%s)

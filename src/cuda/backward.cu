@@ -365,6 +365,7 @@ extern "C" size_t moda_cuda_backward_workspace(const moda_problem *p) {
     const size_t rows = (size_t)(p->B * p->T * p->Hk * p->G);
     size_t bytes = bw_align(rows * sizeof(float));
     if (moda_problem_has_depth(p)) bytes += bw_align(rows * (size_t)p->d * sizeof(float));
+    bytes += bw_align(bw_dkdv_split_floats(p) * sizeof(float));
     return bytes;
 }
 
@@ -418,13 +419,28 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     bp.dvd = bw_view_of(&p->grad_vd);
     bp.delta = (float *)workspace;
     bp.dqacc = has_depth ? (float *)((char *)workspace + bw_align((size_t)rows * sizeof(float))) : NULL;
+    bp.dkdv_nsplit = 1;
+    bp.dkdv_rows = 0;
+    bp.dkvpart = NULL;
+    if (p->sequence && bw_mma_supported(p)) {
+        bp.dkdv_nsplit = bw_dkdv_split(p, &bp.dkdv_rows);
+        if (bp.dkdv_nsplit > 1)
+            bp.dkvpart = (float *)((char *)workspace + bw_align((size_t)rows * sizeof(float)) +
+                                   (has_depth ? bw_align((size_t)rows * (size_t)p->d * sizeof(float)) : 0));
+    }
     if (rows == 0) return MODA_OK;
 
     moda_status s;
     bw_preprocess_kernel<<<bw_warp_grid(rows), BW_WARPS * 32, 0, st>>>(bp);
     if ((s = bw_check_launch("the Delta preprocessing kernel")) != MODA_OK) return s;
 
-    if (has_depth) {
+    if (has_depth && bw_tdw_supported(p) && p->B * p->T * p->Hk < ((int64_t)1 << 32) &&
+        bw_new_kernel_on("MODA_CUDA_BWD_NOTDW")) {
+        const cudaError_t e = bw_launch_tdw(&bp, st);
+        if (e != cudaSuccess)
+            return moda_fail(MODA_ERR_DEVICE_FAILURE, "CUDA backward: launching the depth kernel failed: %s",
+                             cudaGetErrorString(e));
+    } else if (has_depth) {
         size_t smem = 0;
         const int slots = p->chunk ? 0 : bw_td_slots(p, 96 * 1024, &smem);
         if (slots > 0 && p->B * p->T * p->Hk < (int64_t)1 << 31) {

@@ -4,7 +4,8 @@
  * The backward runs as a short pipeline on the caller's stream (docs/cuda_backward_notes.md):
  *   1. preprocess:   Delta[row] = <dO, O>                         (fp32 workspace)
  *   2. depth:        dQacc[row] = s * sum over depth keys of dz*kd (fp32 workspace), dKd, dVd
- *   3. sequence dK/dV: key-block-major, each CTA owns its keys     (no atomics)
+ *   3. sequence dK/dV: key-block-major, each CTA owns its keys     (no atomics; small grids: row splits
+ *                    with fp32 partials, reduced in split order)
  *   4. sequence dQ:  row-block-major, adds dQacc, writes dq        (no atomics)
  * Every output element is produced by exactly one thread in a fixed summation order, so the result is
  * bitwise reproducible run to run; there is no separate non-deterministic mode.
@@ -15,6 +16,7 @@
 #include "common.cuh"
 
 #include <stdint.h>
+#include <stdlib.h>
 
 /* Strides of one operand, 64-bit, in the operand's logical dimension order (innermost last). */
 typedef struct bw_view {
@@ -32,6 +34,8 @@ typedef struct bw_params {
     bw_view q, k, v, kd, vd, o, lse, dout, dq, dk, dv_, dkd, dvd;
     float *delta; /* [B*T*Hk*G] */
     float *dqacc; /* [B*T*Hk*G, d] depth part of dQ, NULL when no depth slot is visible */
+    int dkdv_nsplit, dkdv_rows; /* row splits of the tensor-core dK/dV pass (1: none) and rows per split */
+    float *dkvpart;             /* [nsplit][B][Hk][T][2d] fp32 partial dK|dV when dkdv_nsplit > 1 */
 } bw_params;
 
 #define BW_LOG2E 1.4426950408889634f
@@ -67,10 +71,38 @@ static __device__ __forceinline__ float bw_exp2(float x) {
     return y;
 }
 
+/* Whether 16-byte vector accesses of 8 elements work on an operand of ndim dims: aligned base, contiguous
+ * last dim, every other stride a multiple of 8 elements. */
+static inline int bw_vec_ok(const moda_operand *a, int ndim) {
+    if (((uintptr_t)a->data & 15) != 0 || a->stride[ndim - 1] != 1) return 0;
+    for (int i = 0; i < ndim - 1; i++)
+        if (a->stride[i] % 8 != 0) return 0;
+    return 1;
+}
+
+/* The row-split dK/dV pass and the warp-per-token depth kernel replace the previous kernels for the shapes
+ * they support. 0 here restores the previous kernels everywhere; at run time, MODA_CUDA_BWD_NOSPLIT=1 and
+ * MODA_CUDA_BWD_NOTDW=1 do it per process (gpu_test_backward checks both paths, and timings compare them). */
+#define BW_NEW_KERNELS 1
+
+/* Whether the new kernel that environment variable `name` can switch off is in use. */
+static inline int bw_new_kernel_on(const char *name) {
+    const char *e = getenv(name);
+    return BW_NEW_KERNELS && !(e && e[0] == '1');
+}
+
 /* Fast (tensor-core) launchers, src/cuda/backward_mma.cu. Return cudaSuccess or the launch error. They assume
  * bw_mma_supported() holds. */
 int bw_mma_supported(const moda_problem *p);
 cudaError_t bw_launch_mma_dkdv(const bw_params *bp, cudaStream_t stream);
 cudaError_t bw_launch_mma_dq(const bw_params *bp, cudaStream_t stream);
+/* Row splits of the dK/dV pass for this shape (1: none; *rows: rows per split) and the fp32 workspace they
+ * need; both decided from the shape alone. */
+int bw_dkdv_split(const moda_problem *p, int *rows);
+size_t bw_dkdv_split_floats(const moda_problem *p);
+/* Token-mode depth stage for f16/bf16, d = dv in {64, 128}, G <= 8, 16-byte aligned rows
+ * (src/cuda/backward_depth.cu). */
+int bw_tdw_supported(const moda_problem *p);
+cudaError_t bw_launch_tdw(const bw_params *bp, cudaStream_t stream);
 
 #endif /* MODA_CUDA_BACKWARD_COMMON_CUH */

@@ -3,8 +3,9 @@
  * backward, for f16/bf16 with d = dv in {64, 128}. FlashAttention-2's recomputation scheme, split in two
  * passes so that no output needs atomics (determinism, spec.md §3):
  *
- *   dK/dV pass: a CTA owns 64 keys of one (b, h); each of its 4 warps owns 16 keys and walks every query row
- *     r = t*G + g that sees them:  S^T = K Q^T, P^T = exp2(S^T s log2e - lse2), dP^T = V dO^T,
+ *   dK/dV pass: a CTA owns 64 keys of one (b, h) (on small grids, one range of the rows that see them: fp32
+ *     partials summed in order by bw_dkdv_reduce_kernel); each of its 4 warps owns 16 keys and walks every
+ *     query row r = t*G + g that sees them:  S^T = K Q^T, P^T = exp2(S^T s log2e - lse2), dP^T = V dO^T,
  *     dS^T = P^T (dP^T - Delta),  dV += P^T dO,  dK += dS^T Q.
  *   dQ pass: a CTA owns 64 query rows; each warp owns 16 rows and walks every key they see:
  *     S = Q K^T, P, dP = dO V^T, dS,  dQ += dS K;  finally dq = s dQ + dQacc (the depth part).
@@ -146,11 +147,20 @@ __global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dkdv_kernel(bw_params p
     const int G = (int)p.G, T = (int)p.T, nrows = T * G;
     const int nkb = (T + BN - 1) / BN;
     /* causal: the first key blocks see the most rows; start them first */
-    const int kb = p.causal ? nkb - 1 - (int)blockIdx.x : (int)blockIdx.x;
+    const int kbi = (int)blockIdx.x / p.dkdv_nsplit;
+    const int kb = p.causal ? nkb - 1 - kbi : kbi;
     const int64_t h = blockIdx.y, b = blockIdx.z;
     const int j0 = kb * BN;
-    const int rbeg = p.causal ? j0 * G : 0;
-    const int nsteps = (nrows - rbeg + BM - 1) / BM;
+    /* rows [rbeg, rend): those that see the block, cut to this CTA's split. The split boundaries and the
+     * causal start j0*G are multiples of BM, so a step never crosses into another split's rows. */
+    int rbeg = p.causal ? j0 * G : 0, rend = nrows;
+    if (p.dkdv_nsplit > 1) {
+        const int s0 = (int)blockIdx.x % p.dkdv_nsplit * p.dkdv_rows, s1 = s0 + p.dkdv_rows;
+        if (s1 <= rbeg || s0 >= nrows) return; /* empty split (whole CTA): bw_dkdv_reduce_kernel skips it */
+        if (s0 > rbeg) rbeg = s0;
+        if (s1 < rend) rend = s1;
+    }
+    const int nsteps = (rend - rbeg + BM - 1) / BM;
 
     bw_load_tile<E, D, BN, false>(Ks, p.k, b, h, G, j0, T);
     bw_load_tile<E, D, BN, false>(Vs, p.v, b, h, G, j0, T);
@@ -179,6 +189,9 @@ __global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dkdv_kernel(bw_params p
             moda_cp_async_wait<0>();
         }
         __syncthreads();
+        const int rcur = rbeg + it * BM;
+        /* rows of tokens >= the block's last key see every key of the block: no mask needed */
+        const bool need_mask = p.causal && rcur / G < j0 + BN - 1;
         const E *qs = Qs + buf * BM * LD, *ds = dOs + buf * BM * LD;
         const float *l2 = lse2 + buf * BM, *dl = dls + buf * BM;
         const int *tk = toks + buf * BM;
@@ -199,7 +212,7 @@ __global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dkdv_kernel(bw_params p
             for (int c = 0; c < 4; c++) {
                 const int col = n * 8 + (lane & 3) * 2 + (c & 1);
                 const int j = (c & 2) ? jhi : jlo;
-                const bool masked = p.causal && j > tk[col];
+                const bool masked = need_mask && j > tk[col];
                 s[n][c] = masked ? 0.f : bw_exp2(s[n][c] * p.scale_log2 - l2[col]);
             }
         bw_mma_kn<E, NTM / 2, NTD, LD>(dv, s, ds, lane);
@@ -225,6 +238,23 @@ __global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dkdv_kernel(bw_params p
         __syncthreads(); /* the next step's prefetch overwrites this buffer */
     }
 
+    if (p.dkdv_nsplit > 1) { /* unscaled fp32 partials, summed in split order by bw_dkdv_reduce_kernel */
+        const int split = (int)blockIdx.x % p.dkdv_nsplit; /* recomputed: keeping it live costs a spill */
+        float *pk = p.dkvpart + (((int64_t)split * p.B + b) * p.Hk + h) * p.T * 2 * D;
+#pragma unroll
+        for (int nt = 0; nt < NTD; nt++) {
+            const int col = nt * 8 + (lane & 3) * 2;
+            if (jlo < T) {
+                *(float2 *)(pk + (int64_t)jlo * 2 * D + col) = make_float2(dk[nt][0], dk[nt][1]);
+                *(float2 *)(pk + (int64_t)jlo * 2 * D + D + col) = make_float2(dv[nt][0], dv[nt][1]);
+            }
+            if (jhi < T) {
+                *(float2 *)(pk + (int64_t)jhi * 2 * D + col) = make_float2(dk[nt][2], dk[nt][3]);
+                *(float2 *)(pk + (int64_t)jhi * 2 * D + D + col) = make_float2(dv[nt][2], dv[nt][3]);
+            }
+        }
+        return;
+    }
     const int64_t olo = jlo < T ? bw_off4(p.dk, b, jlo, h, 0) : -1, ohi = jhi < T ? bw_off4(p.dk, b, jhi, h, 0) : -1;
     bw_store_acc<E, NTD>(dk, p.scale, (E *)p.dk.data, olo, ohi, lane);
     const int64_t vlo = jlo < T ? bw_off4(p.dv_, b, jlo, h, 0) : -1, vhi = jhi < T ? bw_off4(p.dv_, b, jhi, h, 0) : -1;
@@ -288,6 +318,8 @@ __global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dq_kernel(bw_params p) 
         __syncthreads();
         const E *ks = Ks + buf * BN * LD, *vs = Vs + buf * BN * LD;
         const int kb0 = it * BN;
+        /* blocks wholly at or before the first row's token, and inside the sequence, need no mask */
+        const bool need_mask = kb0 + BN > T || (p.causal && kb0 + BN - 1 > r0 / G);
 
         float s[NTN][4], dp[NTN][4];
 #pragma unroll
@@ -302,7 +334,7 @@ __global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dq_kernel(bw_params p) 
             for (int c = 0; c < 4; c++) {
                 const int j = kb0 + n * 8 + (lane & 3) * 2 + (c & 1);
                 const bool hi = (c & 2) != 0;
-                const bool masked = j >= T || (p.causal && j > (hi ? thi : tlo));
+                const bool masked = need_mask && (j >= T || (p.causal && j > (hi ? thi : tlo)));
                 const float pr = masked ? 0.f : bw_exp2(s[n][c] * p.scale_log2 - (hi ? l2hi : l2lo));
                 s[n][c] = pr * (dp[n][c] - (hi ? dlhi : dllo));
             }
@@ -335,23 +367,74 @@ __global__ void __launch_bounds__(BW_MMA_THREADS) bw_mma_dq_kernel(bw_params p) 
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
-/* Host side: which problems take this path, and the launches.                                              */
+/* dK, dV from the split partials: one thread per 4 elements of a key row, splits summed in index order     */
+/* (deterministic), starting at the first split that holds rows seeing the key.                             */
 /* ------------------------------------------------------------------------------------------------------ */
-static int bw_aligned(const moda_operand *a, int ndim) {
-    if (((uintptr_t)a->data & 15) != 0 || a->stride[ndim - 1] != 1) return 0;
-    for (int i = 0; i < ndim - 1; i++)
-        if (a->stride[i] % 8 != 0) return 0;
-    return 1;
+template <typename E, int D> __global__ void bw_dkdv_reduce_kernel(bw_params p) {
+    const int64_t n = p.B * p.Hk * p.T * (2 * D / 4);
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int c = (int)(i % (2 * D / 4)) * 4;
+    const int64_t key = i / (2 * D / 4); /* (b, h, j) with j fastest */
+    const int64_t j = key % p.T, h = (key / p.T) % p.Hk, b = key / (p.T * p.Hk);
+    const int64_t rbeg = p.causal ? (j / (16 * BW_MMA_WARPS)) * (16 * BW_MMA_WARPS) * p.G : 0;
+    const int64_t per_split = p.B * p.Hk * p.T * 2 * D;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = (int)(rbeg / p.dkdv_rows); s < p.dkdv_nsplit; s++) {
+        const float4 x = *(const float4 *)(p.dkvpart + s * per_split + key * 2 * D + c);
+        acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
+    }
+    const bool isk = c < D;
+    const float mul = isk ? p.scale : 1.f;
+    const bw_view &o = isk ? p.dk : p.dv_;
+    const int64_t off = bw_off4(o, b, j, h, 0) + (isk ? c : c - D);
+    uint2 u;
+    u.x = moda_dt<E>::pack2(acc.x * mul, acc.y * mul);
+    u.y = moda_dt<E>::pack2(acc.z * mul, acc.w * mul);
+    *(uint2 *)((E *)o.data + off) = u;
 }
 
+/* ------------------------------------------------------------------------------------------------------ */
+/* Host side: which problems take this path, and the launches.                                              */
+/* ------------------------------------------------------------------------------------------------------ */
 int bw_mma_supported(const moda_problem *p) {
     if (p->dtype != MODA_F16 && p->dtype != MODA_BF16) return 0;
     if (p->d != p->dv || (p->d != 64 && p->d != 128)) return 0;
     if (!p->sequence) return 0;
     /* row indices r = t*G + g and token indices are 32-bit inside the kernels (offsets stay 64-bit) */
     if (p->T * p->G >= ((int64_t)1 << 30) || p->B > 65535 || p->Hk > 65535) return 0;
-    return bw_aligned(&p->q, 5) && bw_aligned(&p->grad_o, 5) && bw_aligned(&p->grad_q, 5) &&
-           bw_aligned(&p->k, 4) && bw_aligned(&p->v, 4) && bw_aligned(&p->grad_k, 4) && bw_aligned(&p->grad_v, 4);
+    return bw_vec_ok(&p->q, 5) && bw_vec_ok(&p->grad_o, 5) && bw_vec_ok(&p->grad_q, 5) &&
+           bw_vec_ok(&p->k, 4) && bw_vec_ok(&p->v, 4) && bw_vec_ok(&p->grad_k, 4) && bw_vec_ok(&p->grad_v, 4);
+}
+
+/* Row splits of the dK/dV pass. When (key blocks x Hk x B) CTAs cannot fill the GPU (S3: 128 CTAs walking
+ * up to 128 steps each), the rows that see a key block are cut into nsplit ranges of `rows` rows (a multiple
+ * of the step), each CTA writes fp32 partials and bw_dkdv_reduce_kernel sums them in order. Decided from the
+ * shape alone (the workspace query has no gradient operands), so the workspace and the launch agree and the
+ * result does not depend on the device. */
+int bw_dkdv_split(const moda_problem *p, int *rows) {
+    *rows = 0;
+    if (p->dtype != MODA_F16 && p->dtype != MODA_BF16) return 1;
+    if (p->d != p->dv || (p->d != 64 && p->d != 128) || !p->sequence) return 1;
+    if (p->T * p->G >= ((int64_t)1 << 30) || p->B > 65535 || p->Hk > 65535) return 1;
+    if (!bw_new_kernel_on("MODA_CUDA_BWD_NOSPLIT")) return 1;
+    const int64_t BN = 16 * BW_MMA_WARPS, BM = p->d == 64 ? 64 : 32;
+    const int64_t ctas = (p->T + BN - 1) / BN * p->Hk * p->B, nrows = p->T * p->G;
+    if (ctas >= 512) return 1;
+    int64_t want = (1024 + ctas - 1) / ctas;
+    if (want > 8) want = 8;
+    int64_t r = ((nrows + want - 1) / want + BM - 1) / BM * BM;
+    if (r < 4 * BM) r = 4 * BM; /* at least four steps per CTA */
+    const int64_t n = (nrows + r - 1) / r;
+    if (n <= 1) return 1;
+    *rows = (int)r;
+    return (int)n;
+}
+
+size_t bw_dkdv_split_floats(const moda_problem *p) {
+    int rows;
+    const int n = bw_dkdv_split(p, &rows);
+    return n > 1 ? (size_t)n * (size_t)(p->B * p->Hk * p->T) * 2 * (size_t)p->d : 0;
 }
 
 template <typename E, int D, int BM> static cudaError_t bw_run_dkdv(const bw_params *bp, cudaStream_t st) {
@@ -360,8 +443,11 @@ template <typename E, int D, int BM> static cudaError_t bw_run_dkdv(const bw_par
     cudaError_t e = cudaFuncSetAttribute(bw_mma_dkdv_kernel<E, D, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
     if (e != cudaSuccess) return e;
-    const dim3 grid((unsigned)((bp->T + BN - 1) / BN), (unsigned)bp->Hk, (unsigned)bp->B);
+    const dim3 grid((unsigned)((bp->T + BN - 1) / BN * bp->dkdv_nsplit), (unsigned)bp->Hk, (unsigned)bp->B);
     bw_mma_dkdv_kernel<E, D, BM><<<grid, BW_MMA_THREADS, smem, st>>>(*bp);
+    if ((e = cudaGetLastError()) != cudaSuccess || bp->dkdv_nsplit <= 1) return e;
+    const int64_t n = bp->B * bp->Hk * bp->T * (2 * D / 4);
+    bw_dkdv_reduce_kernel<E, D><<<(unsigned)((n + 255) / 256), 256, 0, st>>>(*bp);
     return cudaGetLastError();
 }
 

@@ -10,6 +10,7 @@
  *
  * Usage: gpu_test_backward [--bench]     (MODA_TEST_SEED, MODA_TEST_QUICK, MODA_TEST_VERBOSE as elsewhere)
  */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include "testutil.h"
 
 #include <cuda_runtime.h>
@@ -433,6 +434,16 @@ int main(int argc, char **argv) {
             if (!quick) check_case(c, MODA_BF16, MODA_F32, 0, &r);
         }
         if (!quick && i < 3) check_case(c, MODA_F32, MODA_F32, 0, &r);
+        if (i >= 11) {
+            /* the kernels the default path replaces for these shapes, kept selectable: the unsplit dK/dV
+             * pass (big shapes take it) and the CTA-per-token depth kernel */
+            setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1);
+            setenv("MODA_CUDA_BWD_NOTDW", "1", 1);
+            check_case(c, MODA_BF16, MODA_BF16, 0, &r);
+            if (c->Lcap > 0) check_case(c, MODA_F16, MODA_F32, 1, &r);
+            unsetenv("MODA_CUDA_BWD_NOSPLIT");
+            unsetenv("MODA_CUDA_BWD_NOTDW");
+        }
     }
     if (!quick) {
         /* sampled checks on benchmark-sized problems (S3, and S5's head dim at a shorter T) */
