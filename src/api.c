@@ -231,8 +231,6 @@ static moda_status validate(call *c, const moda_options *opt_in, moda_problem *p
     memset(p, 0, sizeof *p);
 
     if (!c->t[ROLE_Q]) return moda_fail(MODA_ERR_NULL_POINTER, "q is required (got a NULL tensor)");
-    if (c->backward && !c->t[ROLE_O] && c->t[ROLE_DOUT])
-        return moda_fail(MODA_ERR_NULL_POINTER, "the backward needs the forward's output o (got a NULL tensor)");
     if (!c->t[ROLE_O] && !(c->backward < 0))
         return moda_fail(MODA_ERR_NULL_POINTER, "o is required (got a NULL tensor)");
 
@@ -370,13 +368,26 @@ static int problem_empty(const moda_problem *p) { return p->B == 0 || p->T == 0;
 
 /* ---- entry points ---- */
 
+/* The tensor table of a call; NULL where an entry point has no such argument. */
+static void call_init(call *c, int backward, const moda_tensor *q, const moda_tensor *k, const moda_tensor *v,
+                      const moda_tensor *kd, const moda_tensor *vd, const moda_tensor *o, const moda_tensor *lse) {
+    memset(c, 0, sizeof *c);
+    c->backward = backward;
+    c->t[ROLE_Q] = q; c->t[ROLE_K] = k; c->t[ROLE_V] = v; c->t[ROLE_KD] = kd; c->t[ROLE_VD] = vd;
+    c->t[ROLE_O] = o; c->t[ROLE_LSE] = lse;
+}
+
+static void call_grads(call *c, const moda_tensor *dout, const moda_tensor *dq, const moda_tensor *dk,
+                       const moda_tensor *dv, const moda_tensor *dkd, const moda_tensor *dvd) {
+    c->t[ROLE_DOUT] = dout; c->t[ROLE_DQ] = dq; c->t[ROLE_DK] = dk; c->t[ROLE_DV] = dv; c->t[ROLE_DKD] = dkd;
+    c->t[ROLE_DVD] = dvd;
+}
+
 moda_status moda_forward(const moda_options *options, const moda_tensor *q, const moda_tensor *k, const moda_tensor *v,
                          const moda_tensor *kd, const moda_tensor *vd, const moda_tensor *o, const moda_tensor *lse,
                          void *stream) {
     call c;
-    memset(&c, 0, sizeof c);
-    c.t[ROLE_Q] = q; c.t[ROLE_K] = k; c.t[ROLE_V] = v; c.t[ROLE_KD] = kd; c.t[ROLE_VD] = vd;
-    c.t[ROLE_O] = o; c.t[ROLE_LSE] = lse;
+    call_init(&c, 0, q, k, v, kd, vd, o, lse);
     moda_problem p;
     TRY(validate(&c, options, &p));
     moda_clear_error();
@@ -391,9 +402,7 @@ moda_status moda_backward_workspace_size(const moda_options *options, const moda
                                          size_t *bytes) {
     if (!bytes) return moda_fail(MODA_ERR_NULL_POINTER, "moda_backward_workspace_size: bytes is NULL");
     call c;
-    memset(&c, 0, sizeof c);
-    c.backward = -1; /* inputs only: o and the gradients are not needed to size the workspace */
-    c.t[ROLE_Q] = q; c.t[ROLE_K] = k; c.t[ROLE_V] = v; c.t[ROLE_KD] = kd; c.t[ROLE_VD] = vd;
+    call_init(&c, -1, q, k, v, kd, vd, NULL, NULL); /* inputs only: enough to size the workspace */
     moda_problem p;
     TRY(validate(&c, options, &p));
     moda_clear_error();
@@ -409,11 +418,8 @@ moda_status moda_backward(const moda_options *options, const moda_tensor *q, con
                           const moda_tensor *dkd, const moda_tensor *dvd, void *workspace, size_t workspace_bytes,
                           void *stream) {
     call c;
-    memset(&c, 0, sizeof c);
-    c.backward = 1;
-    c.t[ROLE_Q] = q; c.t[ROLE_K] = k; c.t[ROLE_V] = v; c.t[ROLE_KD] = kd; c.t[ROLE_VD] = vd;
-    c.t[ROLE_O] = o; c.t[ROLE_LSE] = lse; c.t[ROLE_DOUT] = dout;
-    c.t[ROLE_DQ] = dq; c.t[ROLE_DK] = dk; c.t[ROLE_DV] = dv; c.t[ROLE_DKD] = dkd; c.t[ROLE_DVD] = dvd;
+    call_init(&c, 1, q, k, v, kd, vd, o, lse);
+    call_grads(&c, dout, dq, dk, dv, dkd, dvd);
     moda_problem p;
     TRY(validate(&c, options, &p));
     if (p.device == MODA_CUDA) {
@@ -440,10 +446,8 @@ moda_status moda_testing_reference_forward(const moda_options *options, const mo
                                            const moda_tensor *v, const moda_tensor *kd, const moda_tensor *vd,
                                            const moda_tensor *o, const moda_tensor *lse, moda_dtype round_dtype) {
     call c;
-    memset(&c, 0, sizeof c);
+    call_init(&c, 0, q, k, v, kd, vd, o, lse);
     c.relaxed_dtypes = 1;
-    c.t[ROLE_Q] = q; c.t[ROLE_K] = k; c.t[ROLE_V] = v; c.t[ROLE_KD] = kd; c.t[ROLE_VD] = vd;
-    c.t[ROLE_O] = o; c.t[ROLE_LSE] = lse;
     moda_problem p;
     TRY(validate(&c, options, &p));
     moda_clear_error();
@@ -457,12 +461,9 @@ moda_status moda_testing_reference_backward(const moda_options *options, const m
                                             const moda_tensor *dq, const moda_tensor *dk, const moda_tensor *dv,
                                             const moda_tensor *dkd, const moda_tensor *dvd, moda_dtype round_dtype) {
     call c;
-    memset(&c, 0, sizeof c);
+    call_init(&c, 1, q, k, v, kd, vd, o, lse);
+    call_grads(&c, dout, dq, dk, dv, dkd, dvd);
     c.relaxed_dtypes = 1;
-    c.backward = 1;
-    c.t[ROLE_Q] = q; c.t[ROLE_K] = k; c.t[ROLE_V] = v; c.t[ROLE_KD] = kd; c.t[ROLE_VD] = vd;
-    c.t[ROLE_O] = o; c.t[ROLE_LSE] = lse; c.t[ROLE_DOUT] = dout;
-    c.t[ROLE_DQ] = dq; c.t[ROLE_DK] = dk; c.t[ROLE_DV] = dv; c.t[ROLE_DKD] = dkd; c.t[ROLE_DVD] = dvd;
     moda_problem p;
     TRY(validate(&c, options, &p));
     moda_clear_error();

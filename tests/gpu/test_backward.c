@@ -18,25 +18,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                        \
-    do {                                                                                                \
-        cudaError_t e_ = (call);                                                                        \
-        if (e_ != cudaSuccess) {                                                                        \
-            fprintf(stderr, "FATAL %s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(2);                                                                                    \
-        }                                                                                               \
-    } while (0)
+#include "gpu_util.h"
 
 /* Device mirror of a host tu_tensor: same bytes, same offsets. */
 static void *to_device(const tu_tensor *t) {
     if (!t->alloc) return NULL;
     void *d = NULL;
-    CK(cudaMalloc(&d, t->bytes));
-    CK(cudaMemcpy(d, t->alloc, t->bytes, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMalloc(&d, t->bytes));
+    CUDA_OK(cudaMemcpy(d, t->alloc, t->bytes, cudaMemcpyHostToDevice));
     return d;
 }
 static void from_device(tu_tensor *t, const void *d) {
-    if (t->alloc) CK(cudaMemcpy(t->alloc, d, t->bytes, cudaMemcpyDeviceToHost));
+    if (t->alloc) CUDA_OK(cudaMemcpy(t->alloc, d, t->bytes, cudaMemcpyDeviceToHost));
 }
 
 enum { Q, K, V, KD, VD, O, LSE, DOUT, DQ, DK, DV, DKD, DVD, NT };
@@ -71,14 +64,14 @@ static moda_status dev_backward(dev_problem *d, const moda_options *o) {
         moda_status s = moda_backward_workspace_size(o, &d->v[Q], darg(d, K), darg(d, V), darg(d, KD), darg(d, VD),
                                                      &d->ws_bytes);
         if (s != MODA_OK) return s;
-        CK(cudaMalloc(&d->ws, d->ws_bytes ? d->ws_bytes : 1));
+        CUDA_OK(cudaMalloc(&d->ws, d->ws_bytes ? d->ws_bytes : 1));
     }
     /* unwritten workspace must not leak into results */
-    CK(cudaMemset(d->ws, 0xFF, d->ws_bytes ? d->ws_bytes : 1));
+    CUDA_OK(cudaMemset(d->ws, 0xFF, d->ws_bytes ? d->ws_bytes : 1));
     moda_status s = moda_backward(o, &d->v[Q], darg(d, K), darg(d, V), darg(d, KD), darg(d, VD), &d->v[O], &d->v[LSE],
                                   &d->v[DOUT], &d->v[DQ], darg(d, DK), darg(d, DV), darg(d, DKD), darg(d, DVD), d->ws,
                                   d->ws_bytes, NULL);
-    CK(cudaDeviceSynchronize());
+    CUDA_OK(cudaDeviceSynchronize());
     return s;
 }
 
@@ -146,7 +139,7 @@ static void check_case(const tu_case *c, moda_dtype dt, moda_dtype gdt, int accu
 
     if (!accumulate) { /* determinism: poison the outputs, run again, compare bit for bit */
         for (int i = DQ; i < NT; i++)
-            if (d.a[i]) CK(cudaMemset(d.a[i], 0xFF, slot(&got, i)->bytes));
+            if (d.a[i]) CUDA_OK(cudaMemset(d.a[i], 0xFF, slot(&got, i)->bytes));
         st = dev_backward(&d, &o);
         TU_CHECK(st == MODA_OK, "second backward returned %s", moda_status_string(st));
         int same = 1;
@@ -154,7 +147,7 @@ static void check_case(const tu_case *c, moda_dtype dt, moda_dtype gdt, int accu
             tu_tensor *t = slot(&got, i);
             if (!t->alloc) continue;
             void *again = malloc(t->bytes);
-            CK(cudaMemcpy(again, d.a[i], t->bytes, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(again, d.a[i], t->bytes, cudaMemcpyDeviceToHost));
             if (memcmp(again, t->alloc, t->bytes)) same = 0;
             free(again);
         }
@@ -344,8 +337,8 @@ static void bench(tu_rng *r) {
         dev_upload(&d, &p);
         moda_options o = tu_case_options(c);
         cudaEvent_t e0, e1;
-        CK(cudaEventCreate(&e0));
-        CK(cudaEventCreate(&e1));
+        CUDA_OK(cudaEventCreate(&e0));
+        CUDA_OK(cudaEventCreate(&e1));
         float fwd[25], bwd[25];
         int fwd_ok = 1, bwd_ok = 1;
         moda_status st = moda_forward(&o, &d.v[Q], darg(&d, K), darg(&d, V), darg(&d, KD), darg(&d, VD), &d.v[O],
@@ -353,26 +346,26 @@ static void bench(tu_rng *r) {
         if (st != MODA_OK) { /* no CUDA forward: time the backward on the random O and LSE uploaded above */
             fwd_ok = 0;
             printf("(forward: %s)\n", moda_last_error());
-            CK(cudaMemcpy(d.a[O], p.o.alloc, p.o.bytes, cudaMemcpyHostToDevice));
-            CK(cudaMemcpy(d.a[LSE], p.lse.alloc, p.lse.bytes, cudaMemcpyHostToDevice));
+            CUDA_OK(cudaMemcpy(d.a[O], p.o.alloc, p.o.bytes, cudaMemcpyHostToDevice));
+            CUDA_OK(cudaMemcpy(d.a[LSE], p.lse.alloc, p.lse.bytes, cudaMemcpyHostToDevice));
         }
         if (dev_backward(&d, &o) != MODA_OK) bwd_ok = 0;
         for (int it = 0; it < 3 + 25; it++) { /* 3 warm-ups */
             if (fwd_ok) {
-                CK(cudaEventRecord(e0, NULL));
+                CUDA_OK(cudaEventRecord(e0, NULL));
                 moda_forward(&o, &d.v[Q], darg(&d, K), darg(&d, V), darg(&d, KD), darg(&d, VD), &d.v[O], &d.v[LSE], NULL);
-                CK(cudaEventRecord(e1, NULL));
-                CK(cudaEventSynchronize(e1));
-                if (it >= 3) CK(cudaEventElapsedTime(&fwd[it - 3], e0, e1));
+                CUDA_OK(cudaEventRecord(e1, NULL));
+                CUDA_OK(cudaEventSynchronize(e1));
+                if (it >= 3) CUDA_OK(cudaEventElapsedTime(&fwd[it - 3], e0, e1));
             }
             if (bwd_ok) {
-                CK(cudaEventRecord(e0, NULL));
+                CUDA_OK(cudaEventRecord(e0, NULL));
                 moda_backward(&o, &d.v[Q], darg(&d, K), darg(&d, V), darg(&d, KD), darg(&d, VD), &d.v[O], &d.v[LSE],
                               &d.v[DOUT], &d.v[DQ], darg(&d, DK), darg(&d, DV), darg(&d, DKD), darg(&d, DVD), d.ws,
                               d.ws_bytes, NULL);
-                CK(cudaEventRecord(e1, NULL));
-                CK(cudaEventSynchronize(e1));
-                if (it >= 3) CK(cudaEventElapsedTime(&bwd[it - 3], e0, e1));
+                CUDA_OK(cudaEventRecord(e1, NULL));
+                CUDA_OK(cudaEventSynchronize(e1));
+                if (it >= 3) CUDA_OK(cudaEventElapsedTime(&bwd[it - 3], e0, e1));
             }
         }
         qsort(fwd, 25, sizeof(float), cmp_float);

@@ -15,14 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CUDA_OK(call)                                                                                    \
-    do {                                                                                                 \
-        cudaError_t e_ = (call);                                                                         \
-        if (e_ != cudaSuccess) {                                                                         \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                                     \
-        }                                                                                                \
-    } while (0)
+#include "gpu_util.h"
 
 /* ---------------------------------------------------------------------------------------------------------
  * 1. Full-reference grid

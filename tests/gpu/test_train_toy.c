@@ -11,14 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                        \
-    do {                                                                                                \
-        cudaError_t e_ = (call);                                                                        \
-        if (e_ != cudaSuccess) {                                                                        \
-            fprintf(stderr, "FATAL %s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(2);                                                                                    \
-        }                                                                                               \
-    } while (0)
+#include "gpu_util.h"
 
 enum { B = 1, T = 96, HK = 2, G = 2, D = 64, L = 4, STEPS = 6 };
 enum { PQ, PK, PV, PKD, PVD, NP };
@@ -111,31 +104,31 @@ static int run_cuda(float *const *master, const double *target, double *losses) 
     float *h32 = malloc(sizeof(float) * (size_t)numel[PKD]);
     double *o = malloc(sizeof(double) * NO), *dout = malloc(sizeof(double) * NO);
     for (int k = 0; k < NP; k++) {
-        CK(cudaMalloc(&dp[k], 2 * (size_t)numel[k]));
-        CK(cudaMalloc(&dg[k], 4 * (size_t)numel[k]));
+        CUDA_OK(cudaMalloc(&dp[k], 2 * (size_t)numel[k]));
+        CUDA_OK(cudaMalloc(&dg[k], 4 * (size_t)numel[k]));
     }
-    CK(cudaMalloc(&d_o, 2 * NO));
-    CK(cudaMalloc(&d_dout, 2 * NO));
-    CK(cudaMalloc(&d_lse, 4 * NROWS));
+    CUDA_OK(cudaMalloc(&d_o, 2 * NO));
+    CUDA_OK(cudaMalloc(&d_dout, 2 * NO));
+    CUDA_OK(cudaMalloc(&d_lse, 4 * NROWS));
     views v = make_views(dp, dg, d_o, d_lse, d_dout, MODA_BF16, MODA_F32, MODA_F32, MODA_CUDA);
     moda_options opt = moda_default_options();
     int ok = moda_backward_workspace_size(&opt, &v.p[PQ], &v.p[PK], &v.p[PV], &v.p[PKD], &v.p[PVD], &wsb) == MODA_OK;
-    CK(cudaMalloc(&ws, wsb ? wsb : 1));
+    CUDA_OK(cudaMalloc(&ws, wsb ? wsb : 1));
     for (int s = 0; s < STEPS && ok; s++) {
         for (int k = 0; k < NP; k++) {
             moda_convert(h16, MODA_BF16, master[k], MODA_F32, numel[k]);
-            CK(cudaMemcpy(dp[k], h16, 2 * (size_t)numel[k], cudaMemcpyHostToDevice));
+            CUDA_OK(cudaMemcpy(dp[k], h16, 2 * (size_t)numel[k], cudaMemcpyHostToDevice));
         }
         if (step_call(&v, &opt, ws, wsb, 0) != MODA_OK) {
             fprintf(stderr, "CUDA forward failed: %s\n", moda_last_error());
             ok = 0;
             break;
         }
-        CK(cudaMemcpy(h16, d_o, 2 * NO, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(h16, d_o, 2 * NO, cudaMemcpyDeviceToHost));
         moda_convert(o, MODA_F64, h16, MODA_BF16, NO);
         losses[s] = loss_and_grad(o, target, dout);
         moda_convert(h16, MODA_BF16, dout, MODA_F64, NO);
-        CK(cudaMemcpy(d_dout, h16, 2 * NO, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemcpy(d_dout, h16, 2 * NO, cudaMemcpyHostToDevice));
         if (step_call(&v, &opt, ws, wsb, 1) != MODA_OK) {
             fprintf(stderr, "CUDA backward failed: %s\n", moda_last_error());
             ok = 0;
@@ -143,9 +136,9 @@ static int run_cuda(float *const *master, const double *target, double *losses) 
         }
         for (int k = 0; k < NP; k++) {
             if (k >= PKD) {
-                CK(cudaMemcpy(h32, dg[k], 4 * (size_t)numel[k], cudaMemcpyDeviceToHost));
+                CUDA_OK(cudaMemcpy(h32, dg[k], 4 * (size_t)numel[k], cudaMemcpyDeviceToHost));
             } else {
-                CK(cudaMemcpy(h16, dg[k], 2 * (size_t)numel[k], cudaMemcpyDeviceToHost));
+                CUDA_OK(cudaMemcpy(h16, dg[k], 2 * (size_t)numel[k], cudaMemcpyDeviceToHost));
                 moda_convert(h32, MODA_F32, h16, MODA_BF16, numel[k]);
             }
             for (int64_t i = 0; i < numel[k]; i++) master[k][i] -= (float)(LR * h32[i]);
