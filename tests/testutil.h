@@ -70,6 +70,10 @@ typedef struct tu_case {
 /* "B=1 T=7 Hk=2 G=3 d=16 dv=8 L=7[2,5) causal seq token standard" */
 const char *tu_case_str(const tu_case *c);
 moda_options tu_case_options(const tu_case *c);
+/* The reduced grid of the quick (sanitizer) run, for a test that runs case i in dtype j of three: each case
+ * keeps one dtype, rotating so that all three are exercised, and T is capped at 40 (still not a multiple of
+ * any tile, still several row blocks for G >= 2). Returns 0 when (i, j) is skipped; may shrink c->T. */
+int tu_quick_select(tu_case *c, int i, int j);
 
 /* A host tensor that owns its allocation; `view` is what the API sees. Absent tensors have alloc == NULL. */
 typedef struct tu_tensor {
