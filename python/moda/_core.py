@@ -257,10 +257,17 @@ def backward(ops, cfg, q, k, v, kd, vd, o, lse, do, dkd=None, dvd=None, accumula
     dq = ops.empty(*like_plan(ops.shape(q), ops.stride(q)), q, None)
     dk = None if k is None else ops.empty(*like_plan(ops.shape(k), ops.stride(k)), k, None)
     dv = None if v is None else ops.empty(*like_plan(ops.shape(v), ops.stride(v)), v, None)
+    # Overwrite mode writes every visible slot, so fresh depth gradients need zero-filling only when some slots
+    # are outside [d0, d1): filling a full range would cost a write of the whole buffer (4.8 GB for S2).
+    def fresh_depth_grad(buf):
+        lcap = ops.shape(buf)[2]
+        covers_all = cfg.d0 == 0 and (cfg.d1 == _lib.DEPTH_ALL or cfg.d1 >= lcap)
+        plan = like_plan(ops.shape(buf), ops.stride(buf))
+        return ops.empty(*plan, buf, None) if covers_all else ops.zeros(*plan, buf)
     if dkd is None and kd is not None:
-        dkd = ops.zeros(*like_plan(ops.shape(kd), ops.stride(kd)), kd)
+        dkd = fresh_depth_grad(kd)
     if dvd is None and vd is not None:
-        dvd = ops.zeros(*like_plan(ops.shape(vd), ops.stride(vd)), vd)
+        dvd = fresh_depth_grad(vd)
     ins = [describe(ops, q, "q", hk)] + [describe(ops, x, n) for x, n in ((k, "k"), (v, "v"), (kd, "kd"), (vd, "vd"))]
     ins += [describe(ops, o, "o", hk), describe(ops, lse, "lse", hk), describe(ops, do, "do", hk)]
     outs = [describe(ops, dq, "dq", hk)] + [describe(ops, x, n) for x, n in
