@@ -2,7 +2,8 @@
 # device_run.sh - the ONE script run on the GPU machine: builds, checks, times everything in one call, writes
 # logs under $OUT and prints a short table last.
 #   bash bench/device_run.sh            # build + gpu tests + sanitizers + moda bench + SDPA comparison
-# Stages can be narrowed with STAGES="build test sanitize check pytest bench sdpa" (default: all of them);
+# Stages can be narrowed with STAGES="build test sanitize check pytest bench sdpa" (default: all of them; the
+# extra stage "profile" runs Nsight Compute on PROFILE_SHAPES, default S1,S2, kernels matching PROFILE_KERNELS);
 # BENCH_SHAPES=S1,S3 narrows the timed shapes; MODA_GPU_TEST_FILTER=forward runs only gpu_*forward*;
 # BENCH_ARGS / SDPA_ARGS add options to the two timers (e.g. --no-backward to both).
 set -u
@@ -98,6 +99,23 @@ if has sdpa; then
     PYTHONUNBUFFERED=1 PYTHONPATH=python MODA_LIBRARY="$PWD/$BUILD/libmoda.so" timeout ${SDPA_TIMEOUT:-200} python3 bench/compare_sdpa.py \
         --lib "$BUILD/libmoda.so" --shapes "$SHAPES" ${SDPA_ARGS:-} --json "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1
     note "compare_sdpa: rc=$? ($(( $(date +%s) - t1 )) s)"
+fi
+if has profile; then
+    # Nsight Compute on the kernels of one timed shape each (clock control off: the card's own clocks, as the
+    # timings run). PROFILE_KERNELS is a regex on kernel names, PROFILE_SKIP skips launches (the warm-ups).
+    t1=$(date +%s)
+    pcmd="./$BUILD/moda bench"
+    [ -x "$BUILD/moda" ] || pcmd="./$BUILD/moda_bench_cuda"
+    for sh in $(echo "${PROFILE_SHAPES:-S1,S2}" | tr ',' ' '); do
+        timeout ${PROFILE_TIMEOUT:-150} ncu --clock-control none -k "regex:${PROFILE_KERNELS:-fwd}" \
+            --launch-skip ${PROFILE_SKIP:-2} -c ${PROFILE_COUNT:-1} --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+            $pcmd --device cuda --shapes "$sh" --reps 3 ${BENCH_ARGS:-} > "$OUT/ncu_$sh.log" 2>&1
+        note "ncu $sh: rc=$?"
+        grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Local Memory Spill|L2 Hit Rate|Stall" \
+            "$OUT/ncu_$sh.log" | head -40 | tee -a "$OUT/ncu_summary.txt"
+    done
+    note "profile: $(( $(date +%s) - t1 )) s"
 fi
 echo
 [ -f "$OUT/bench_cuda.log" ] && cat "$OUT/bench_cuda.log"
