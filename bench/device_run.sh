@@ -3,7 +3,8 @@
 # logs under $OUT and prints a short table last.
 #   bash bench/device_run.sh            # build + gpu tests + sanitizers + moda bench + SDPA comparison
 # Stages can be narrowed with STAGES="build test sanitize check pytest bench sdpa" (default: all of them; the
-# extra stage "profile" runs Nsight Compute on PROFILE_SHAPES, default S1,S2, kernels matching PROFILE_KERNELS);
+# extra stage "profile" runs Nsight Compute on PROFILE_SHAPES, default S1,S2, kernels matching PROFILE_KERNELS;
+# "variants" times kernel variants built with extra CUDA flags side by side, see VARIANTS below);
 # BENCH_SHAPES=S1,S3 narrows the timed shapes; MODA_GPU_TEST_FILTER=forward runs only gpu_*forward*;
 # BENCH_ARGS / SDPA_ARGS add options to the two timers (e.g. --no-backward to both).
 set -u
@@ -99,6 +100,37 @@ if has sdpa; then
     PYTHONUNBUFFERED=1 PYTHONPATH=python MODA_LIBRARY="$PWD/$BUILD/libmoda.so" timeout ${SDPA_TIMEOUT:-200} python3 bench/compare_sdpa.py \
         --lib "$BUILD/libmoda.so" --shapes "$SHAPES" ${SDPA_ARGS:-} --json "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1
     note "compare_sdpa: rc=$? ($(( $(date +%s) - t1 )) s)"
+fi
+if has variants; then
+    # Kernel variants timed side by side in this one process tree: each VARIANTS entry name=FLAGS builds its
+    # own libmoda.so with those CUDA flags (e.g. forward=-DMODA_FWD_INTERLEAVE=1) and runs the same bench
+    # binary against it; "base" (no flags) is timed first and last, so the spread of the two says what noise is.
+    t1=$(date +%s)
+    VARIANTS=${VARIANTS:-"interleave=-DMODA_FWD_INTERLEAVE=1 skip=-DMODA_FWD_RESCALE_SKIP=1"}
+    printf 'int moda_cmd_bench_cuda(int, char **);\nint main(int c, char **v) { return moda_cmd_bench_cuda(c, v); }\n' \
+        > "$OUT/bench_main.c"
+    build_variant() { # name flags
+        local dir="build-var-$1"
+        { cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DMODA_BUILD_MODEL=OFF -DMODA_BUILD_TESTS=OFF \
+            -DMODA_BUILD_TOOLS=OFF -DCMAKE_CUDA_ARCHITECTURES=90a "-DCMAKE_CUDA_FLAGS=$2" \
+            && cmake --build "$dir" -j8 --target moda \
+            && cc -O2 -std=c11 -DMODA_WITH_CUDA=1 -Iinclude -Isrc -Itools -I/usr/local/cuda/include "$OUT/bench_main.c" \
+                tools/bench_cuda.c -L"$dir" -lmoda -L/usr/local/cuda/lib64 -lcudart -Wl,-rpath,"$PWD/$dir" \
+                -o "$dir/bench"; } > "$OUT/build_var_$1.log" 2>&1
+    }
+    names="base"
+    build_variant base "" &
+    for v in $VARIANTS; do build_variant "${v%%=*}" "${v#*=}" & names="$names ${v%%=*}"; done
+    wait
+    : > "$OUT/variants.txt"
+    for n in $names base; do
+        if [ ! -x "build-var-$n/bench" ]; then note "variant $n: build failed"; tail -5 "$OUT/build_var_$n.log"; continue; fi
+        echo "## variant $n" >> "$OUT/variants.txt"
+        timeout ${BENCH_TIMEOUT:-200} "build-var-$n/bench" --device cuda --shapes "$SHAPES" ${VARIANT_BENCH_ARGS:---no-backward} \
+            >> "$OUT/variants.txt" 2>&1
+    done
+    grep -E "^## |^\| S" "$OUT/variants.txt" | awk '/^## /{v=$3; next} {print v, $0}' | tee "$OUT/variants_short.txt"
+    note "variants: $(( $(date +%s) - t1 )) s"
 fi
 if has profile; then
     # Nsight Compute on the kernels of one timed shape each (clock control off: the card's own clocks, as the

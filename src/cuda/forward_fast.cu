@@ -26,6 +26,15 @@
 
 #include <math.h>
 
+/* Variants kept for side-by-side timing only (bench/device_run.sh, stage "variants"; docs/cuda_notes.md, v3);
+ * the build sets neither. */
+#ifndef MODA_FWD_INTERLEAVE
+#define MODA_FWD_INTERLEAVE 0
+#endif
+#ifndef MODA_FWD_RESCALE_SKIP
+#define MODA_FWD_RESCALE_SKIP 0
+#endif
+
 namespace {
 
 struct fast_params : moda_fwd_operands {
@@ -141,7 +150,8 @@ __device__ __forceinline__ void tile_softmax_pv(float (&s)[MT][NB][4], float (&a
 #pragma unroll
             for (int n = 0; n < NB; n++) mx = fmaxf(mx, fmaxf(s[mt][n][2 * i], s[mt][n][2 * i + 1]));
             mx = moda_quad_max(mx);
-            const float mnew = fmaxf(mrow[mt][i], mx);
+            const float mold = mrow[mt][i];
+            const float mnew = fmaxf(mold, mx);
             /* A row with no visible key so far keeps m = -inf; 2^(-inf*sl - 0) = 0 avoids NaN. */
             const float msc = mnew == -INFINITY ? 0.f : mnew * sl;
             const float alpha = ex2_ftz(fmaf(mrow[mt][i], sl, -msc));
@@ -153,6 +163,13 @@ __device__ __forceinline__ void tile_softmax_pv(float (&s)[MT][NB][4], float (&a
                 s[mt][n][2 * i + 1] = ex2_ftz(fmaf(s[mt][n][2 * i + 1], sl, -msc));
                 sum += s[mt][n][2 * i] + s[mt][n][2 * i + 1];
             }
+#if MODA_FWD_RESCALE_SKIP
+            /* No row of the warp's 8 grew its maximum: alpha is exactly 1 (`on` is warp-uniform). */
+            if (!__any_sync(0xffffffffu, mnew > mold)) {
+                lrow[mt][i] += sum;
+                continue;
+            }
+#endif
             lrow[mt][i] = lrow[mt][i] * alpha + sum;
 #pragma unroll
             for (int n = 0; n < D / 8; n++) {
@@ -228,6 +245,14 @@ __global__ void __launch_bounds__(TR::THREADS) fast_fwd_kernel(const fast_params
     const int jend = p.sequence ? (p.causal ? T1 + 1 : p.T) : 0;
     const int nst = (jend + SR - 1) / SR;
     const int ntiles = ndt + nst;
+#if MODA_FWD_INTERLEAVE
+    /* Depth tiles spread evenly among the sequence tiles: tile `it` is depth when floor(it*ndt/ntiles) steps
+     * up at it + 1 (32-bit: a 64-bit division made ptxas spill; past 2^16 tiles, depth first). */
+    const bool spread = ntiles < 65536;
+    auto depth_before = [&](int it) {
+        return spread ? (int)((unsigned)it * (unsigned)ndt / (unsigned)ntiles) : min(it, ndt);
+    };
+#endif
 
     const int Rw0 = R0 + warp * WR;
     const bool wvalid = Rw0 < NR;
@@ -249,7 +274,16 @@ __global__ void __launch_bounds__(TR::THREADS) fast_fwd_kernel(const fast_params
 
     auto load_tile = [&](int it, int stage) {
         T *dk = sK + stage * SR * D, *dvv = sV + stage * SR * D;
-        if (it < ndt) {
+#if MODA_FWD_INTERLEAVE
+        const int di = depth_before(it);
+        const bool depth_tile = depth_before(it + 1) > di;
+        const int seq_stage = it - di;
+        if (depth_tile) it = di;
+#else
+        const bool depth_tile = it < ndt;
+        const int seq_stage = it - ndt;
+#endif
+        if (depth_tile) {
             /* Each warp loads its own DK shared rows, so the depth list is the warp's own span ws. */
             static_assert(DK * CH % 32 == 0, "depth rows split evenly over the lanes");
             /* Key kx = (token u0 + dq, slot rem): one division per stage; with L >= DK a row's key is at most
@@ -274,7 +308,7 @@ __global__ void __launch_bounds__(TR::THREADS) fast_fwd_kernel(const fast_params
                 moda_cp_async16(moda_smem_addr(dvv + moda_swz<D>(r, cc * 8)), vs, ok);
             }
         } else {
-            const int j0 = (it - ndt) * SR;
+            const int j0 = seq_stage * SR;
             /* Not unrolled: unrolled, the compiler keeps every chunk's addresses live across the whole key
              * loop (up to 28 bytes of spills); the cp.async issue is not on the critical path. */
 #pragma unroll 1
@@ -343,9 +377,18 @@ __global__ void __launch_bounds__(TR::THREADS) fast_fwd_kernel(const fast_params
             const int stage = it % STAGES;
             const T *tk = sK + stage * SR * D;
             const T *tv = sV + stage * SR * D;
-            if (it < ndt) {
+#if MODA_FWD_INTERLEAVE
+            const int di = depth_before(it);
+            const bool depth_tile = depth_before(it + 1) > di;
+            const int seq_stage = it - di;
+#else
+            const int di = it;
+            const bool depth_tile = it < ndt;
+            const int seq_stage = it - ndt;
+#endif
+            if (depth_tile) {
                 /* Depth: this warp's DK keys [kx0, kx0 + DK) of its own list, at shared rows DK*warp.. */
-                const int kx0 = it * DK;
+                const int kx0 = di * DK;
                 if (kx0 >= ws.nkeys) continue;
                 const int tok_lo = ws.u0 + kx0 / L;
                 const int tok_hi = ws.u0 + (min(kx0 + DK, ws.nkeys) - 1) / L;
@@ -376,7 +419,7 @@ __global__ void __launch_bounds__(TR::THREADS) fast_fwd_kernel(const fast_params
             } else {
 #pragma unroll
                 for (int hh = 0; hh < SR / BN; hh++) {
-                    const int j0 = (it - ndt) * SR + hh * BN;
+                    const int j0 = seq_stage * SR + hh * BN;
                     bool on[MT];
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) on[mt] = !p.causal || j0 <= mt_t1[mt];
