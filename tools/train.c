@@ -36,6 +36,8 @@ typedef struct opts {
     double temperature;
     uint64_t sample_seed;
     int quiet;
+    moda_train_device dev;   /* --device, --micro-batch: where the run executes (not part of the checkpoint) */
+    int64_t profile;         /* --profile N: time the last N steps per phase (GPU) */
 } opts;
 
 static void defaults(opts *o) {
@@ -85,17 +87,22 @@ static void usage_model(FILE *f) {
 static void usage_train(FILE *f) {
     fprintf(f,
             "usage: moda train [options]\n"
-            "Trains a MoDA (or baseline, --depth none) language model on the CPU.\n\n"
+            "Trains a MoDA (or baseline, --depth none) language model on the CPU or one CUDA GPU.\n\n"
             "data:\n"
             "  --data PATH          a text file (byte-level) or an llm.c .bin shard; repeat for several\n"
             "                       [the built-in generated corpus]; shards named *_val* are the validation split\n"
             "  --val PATH           validation data [the last 10%% of the last file]\n"
             "training:\n"
             "  --steps N [1000]  --batch B [8]  --seq T [128]  --lr X [2e-3]  --warmup N [50]  --seed S [1]\n"
+            "  --device cpu|cuda    where to train [cpu]; a checkpoint from either resumes on either\n"
+            "  --micro-batch b      rows per forward/backward on cuda; gradients of batch/b of them are\n"
+            "                       accumulated per update [the whole batch]\n"
+            "  --profile N          cuda: per-phase timing (GEMMs, attention, elementwise, optimizer) of the\n"
+            "                       last N steps, and the throughput and MFU of the steps before them\n"
             "  --threads N          BLAS threads [OpenBLAS default: all cores]\n"
             "  --omp-threads N      threads of the other kernels and the attention operator [1, or OMP_NUM_THREADS]\n"
             "run:\n"
-            "  --out DIR            checkpoint ckpt.bin, log.jsonl, loss.png [runs/moda]\n"
+            "  --out DIR            checkpoint ckpt.bin, log.jsonl, loss.png [runs/moda]; none: no files\n"
             "  --resume             continue the run in --out from its checkpoint\n"
             "  --eval-every N [100]  --eval-batches N [20]  --log-every N [10]  --ckpt-every N [eval-every]\n"
             "  --stop-after N       checkpoint and stop after N steps of this invocation (continue with --resume)\n\n");
@@ -182,13 +189,18 @@ static int parse(int argc, char **argv, opts *o, const char *cmd) {
             }
             o->data[o->ndata++] = v;
         } else if (!strcmp(a, "--val")) o->val = v;
-        else if (!strcmp(a, "--out")) o->out = v;
+        else if (!strcmp(a, "--out")) o->out = strcmp(v, "none") ? v : NULL; /* none: no files (benchmarks) */
         else if (!strcmp(a, "--ckpt")) o->ckpt = v;
         else if (!strcmp(a, "--eval-every")) ok = parse_i64(v, &o->eval_every);
         else if (!strcmp(a, "--eval-batches")) ok = parse_i64(v, &o->eval_batches);
         else if (!strcmp(a, "--log-every")) ok = parse_i64(v, &o->log_every);
         else if (!strcmp(a, "--ckpt-every")) ok = parse_i64(v, &o->ckpt_every);
         else if (!strcmp(a, "--threads")) ok = parse_i64(v, &o->threads);
+        else if (!strcmp(a, "--device")) {
+            ok = !strcmp(v, "cpu") || !strcmp(v, "cuda");
+            o->dev.device = !strcmp(v, "cuda") ? MODA_CUDA : MODA_CPU;
+        } else if (!strcmp(a, "--micro-batch")) ok = parse_i64(v, &o->dev.micro_batch) && o->dev.micro_batch >= 0;
+        else if (!strcmp(a, "--profile")) ok = parse_i64(v, &o->profile) && o->profile >= 0;
         else if (!strcmp(a, "--omp-threads")) ok = parse_i64(v, &o->omp_threads);
         else if (!strcmp(a, "--stop-after")) ok = parse_i64(v, &o->stop_after);
         else if (!strcmp(a, "--prompt")) o->prompt = v;
@@ -346,7 +358,7 @@ static int run_training(const char *cmd, opts *o, moda_data *data, const char *l
         o->c = cc;
         o->s = cs;
     }
-    if ((st = moda_trainer_create(tr, &o->c, &o->s, data)) != MODA_OK) return fail(cmd, "cannot set up training");
+    if ((st = moda_trainer_create_on(tr, &o->c, &o->s, data, &o->dev)) != MODA_OK) return fail(cmd, "cannot set up training");
     if (o->resume) {
         if (moda_checkpoint_load(tr, path) != MODA_OK) {
             moda_trainer_free(tr);
@@ -356,12 +368,18 @@ static int run_training(const char *cmd, opts *o, moda_data *data, const char *l
     const moda_model_config *c = moda_model_get_config(tr->model);
     char cstr[512];
     moda_model_config_str(c, cstr, sizeof cstr);
+    /* Kd, Vd and their gradients: fp32 on the CPU; on the GPU bf16 Kd, Vd and fp32 gradients per micro-batch */
+    const int64_t depth_bytes = tr->gpu ? moda_model_depth_bytes(c, moda_gpu_model_micro_batch(tr->gpu), o->s.seq, 3)
+                                        : moda_model_depth_bytes(c, o->s.batch, o->s.seq, sizeof(float));
     if (!o->quiet) {
         printf("%s%s\n%s%lld parameters, %.1f MFLOP/token, depth buffer %.1f MB; %lld steps of %lld x %lld tokens%s\n",
                label, cstr, label, (long long)moda_model_num_params(tr->model),
                moda_model_flops_per_token(c, o->s.seq) / 1e6,
-               (double)moda_model_depth_bytes(c, o->s.batch, o->s.seq, sizeof(float)) / 1e6, (long long)o->s.steps,
-               (long long)o->s.batch, (long long)o->s.seq, o->resume ? " (resumed)" : "");
+               (double)depth_bytes / 1e6, (long long)o->s.steps, (long long)o->s.batch, (long long)o->s.seq,
+               o->resume ? " (resumed)" : "");
+        if (tr->gpu)
+            printf("%son cuda: micro-batches of %lld rows, %.2f GB of device memory\n", label,
+                   (long long)moda_gpu_model_micro_batch(tr->gpu), (double)moda_gpu_model_device_bytes(tr->gpu) / 1e9);
         if (o->resume) printf("%sresuming at step %lld\n", label, (long long)tr->step);
         fflush(stdout);
     }
@@ -385,12 +403,26 @@ static int run_training(const char *cmd, opts *o, moda_data *data, const char *l
     double tw = t0, last_val = NAN;
     int64_t tw_step = tr->step;
     int rc = 0;
+    /* throughput of the steady state: steps after the first 3 (cuBLASLt plans, caches) and before profiling */
+    const int64_t prof_from = o->profile > 0 && tr->gpu ? o->s.steps - o->profile : o->s.steps;
+    double ts0 = 0, ts1 = 0;
+    int64_t ts_steps = 0;
     while (tr->step < o->s.steps) {
         double loss, gn;
         double lr = moda_lr_at(&tr->opt, tr->step);
+        if (tr->gpu && tr->step == prof_from && moda_gpu_model_profile(tr->gpu, 1) != MODA_OK) {
+            rc = fail(cmd, "cannot profile");
+            break;
+        }
+        const double tb = now_s();
         if ((st = moda_trainer_step(tr, &loss, &gn)) != MODA_OK) {
             rc = fail(cmd, "training step failed");
             break;
+        }
+        if (tr->step > start_step + 3 && tr->step <= prof_from) {
+            if (!ts_steps) ts0 = tb;
+            ts1 = now_s();
+            ts_steps++;
         }
         curve_add(&tc, (double)tr->step, loss);
         int last = tr->step == o->s.steps;
@@ -442,6 +474,25 @@ static int run_training(const char *cmd, opts *o, moda_data *data, const char *l
         }
     }
     const double secs = now_s() - t0;
+    if (rc == 0 && !o->quiet && ts_steps > 0) {
+        const double tps = (double)(ts_steps * o->s.batch * o->s.seq) / (ts1 - ts0);
+        const double fpt = moda_model_flops_per_token(c, o->s.seq);
+        printf("%sthroughput %.0f tok/s over %lld steps (after 3 warm-up steps)", label, tps, (long long)ts_steps);
+        if (tr->gpu) printf(", MFU %.1f%% (%.1f MFLOP/token against 798 TFLOP/s)", 100.0 * tps * fpt / 798e12, fpt / 1e6);
+        printf("\n");
+    }
+    if (rc == 0 && tr->gpu && o->profile > 0 && !o->quiet) {
+        double ms[MODA_GPU_PHASES], tot = 0;
+        int64_t n = moda_gpu_model_profile_report(tr->gpu, ms);
+        for (int k = 0; k < MODA_GPU_PHASES; k++) tot += ms[k];
+        if (n > 0) {
+            printf("%sprofile of %lld steps (ms per step):", label, (long long)n);
+            for (int k = 0; k < MODA_GPU_PHASES; k++)
+                printf(" %s %.2f (%.0f%%)%s", moda_gpu_phase_name(k), ms[k] / (double)n, tot > 0 ? 100.0 * ms[k] / tot : 0.0,
+                       k + 1 < MODA_GPU_PHASES ? "," : "");
+            printf("; total %.2f\n", tot / (double)n);
+        }
+    }
     if (log) fclose(log);
     curve_free(&tc);
     curve_free(&vc);

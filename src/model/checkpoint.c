@@ -92,6 +92,9 @@ static void io_header(hio *o, ckpt_header *h, int write) {
 }
 
 moda_status moda_checkpoint_save(const moda_trainer *tr, const char *path) {
+    /* a GPU trainer's state lives on the device: the file holds the same fp32 arrays as the CPU's */
+    moda_status sync = moda_trainer_sync_host(tr);
+    if (sync != MODA_OK) return sync;
     size_t plen = strlen(path);
     char *tmp = malloc(plen + 32);
     if (!tmp) return moda_model_fail(MODA_ERR_OUT_OF_MEMORY, "out of memory");
@@ -288,6 +291,7 @@ moda_status moda_checkpoint_load(moda_trainer *tr, const char *path) {
         tr->opt.t = h.opt_t;
         tr->step = h.step;
         tr->rng = h.rng;
+        st = moda_trainer_sync_device(tr);
     }
     free(p);
     free(m);

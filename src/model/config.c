@@ -165,3 +165,25 @@ int64_t moda_model_depth_bytes(const moda_model_config *c, int64_t B, int64_t T,
     /* Kd and Vd, and the matching gradient buffers of the backward pass */
     return 4 * B * T * moda_model_slots(c) * c->Hk * c->d * (int64_t)elem;
 }
+
+moda_block_depth moda_model_block_depth(const moda_model_config *c, int64_t i) {
+    const int64_t spb = moda_model_slots_per_block(c);
+    moda_block_depth b;
+    b.slot_attn = spb > 0 ? i * spb : -1;
+    b.slot_ffn = spb > 1 ? i * spb + 1 : -1;
+    b.d1 = i * spb;
+    b.d0 = (c->window >= 0 && b.d1 > c->window) ? b.d1 - c->window : 0;
+    if (c->window == 0) b.d0 = b.d1;
+    return b;
+}
+
+moda_options moda_model_attn_options(int64_t d0, int64_t d1, int backward) {
+    moda_options o = moda_default_options();
+    o.causal = 1;
+    o.sequence = 1;
+    o.depth_begin = d1 > d0 ? d0 : 0;
+    o.depth_end = d1 > d0 ? d1 : 0;
+    o.deterministic = 1;
+    if (backward) o.depth_grad_mode = MODA_DEPTH_GRAD_ACCUMULATE;
+    return o;
+}

@@ -23,7 +23,6 @@ static void *take(arena_cursor *a, int64_t elements) {
 static void layout(moda_model *m, arena_cursor *a) {
     const moda_model_config *c = &m->c;
     const int64_t M = m->M, D = c->D, qd = c->Hq * c->d, kvd = c->Hk * c->d, F = c->F;
-    const int64_t spb = moda_model_slots_per_block(c);
     m->kd = take(a, M * m->L * kvd);
     m->vd = take(a, M * m->L * kvd);
     m->dkd = take(a, M * m->L * kvd);
@@ -48,11 +47,11 @@ static void layout(moda_model *m, arena_cursor *a) {
             b->rstd_k = take(a, M);
         }
         b->q = take(a, M * qd);
-        b->slot_attn = spb > 0 ? i * spb : -1;
-        b->slot_ffn = spb > 1 ? i * spb + 1 : -1;
-        b->d1 = i * spb;
-        b->d0 = (c->window >= 0 && b->d1 > c->window) ? b->d1 - c->window : 0;
-        if (c->window == 0) b->d0 = b->d1;
+        const moda_block_depth bd = moda_model_block_depth(c, i);
+        b->slot_attn = bd.slot_attn;
+        b->slot_ffn = bd.slot_ffn;
+        b->d0 = bd.d0;
+        b->d1 = bd.d1;
         if (c->depth == MODA_DEPTH_SRC_ATTN || c->depth == MODA_DEPTH_SRC_ATTN_FFN) {
             /* the layer's keys and values live in its depth slot: written once, read by this layer's sequence
              * attention and by later layers' depth attention */
@@ -96,11 +95,8 @@ static moda_status workspace_size(moda_model *m, size_t *bytes) {
     *bytes = 0;
     for (int64_t i = 0; i < c->N; i++) {
         moda_block_acts *b = &m->blk[i];
-        moda_options o = moda_default_options();
+        moda_options o = moda_model_attn_options(b->d0, b->d1, 1);
         int depth = b->d1 > b->d0;
-        o.depth_begin = depth ? b->d0 : 0;
-        o.depth_end = depth ? b->d1 : 0;
-        o.depth_grad_mode = MODA_DEPTH_GRAD_ACCUMULATE;
         moda_tensor q = moda_tensor_q_standard(b->q, dt, MODA_CPU, m->B, m->T, c->Hk, G, c->d);
         int64_t ks[4] = {m->B, m->T, c->Hk, c->d};
         int64_t kst[4] = {m->T * b->k_ld, b->k_ld, c->d, 1}, vst[4] = {m->T * b->v_ld, b->v_ld, c->d, 1};

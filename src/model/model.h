@@ -1,5 +1,6 @@
 /*
- * model.h - the MoDA language model on the CPU (private to the trainer, the `moda` tool and the model tests).
+ * model.h - the MoDA language model on the CPU and one CUDA GPU (private to the trainer, the `moda` tool and the
+ * model tests).
  *
  * A decoder-only transformer in the style of OLMo2 with the depth stream of MoDA (docs/model.md). One code
  * path serves the baseline (depth none) and every MoDA variant. The numeric core is compiled twice, for
@@ -88,6 +89,16 @@ typedef struct moda_param_info {
  * returns the number of tensors; *total = the parameter count. */
 int moda_model_param_table(const moda_model_config *c, moda_param_info *table, int max, int64_t *total);
 const char *moda_param_kind_name(moda_param_kind k);
+
+/* Block i's depth schedule: the slots its attention and FFN write (-1 none) and the slots [d0, d1) its
+ * attention reads (the window applied; d0 == d1 when none). Shared by the CPU and GPU models. */
+typedef struct moda_block_depth {
+    int64_t slot_attn, slot_ffn, d0, d1;
+} moda_block_depth;
+moda_block_depth moda_model_block_depth(const moda_model_config *c, int64_t i);
+/* The operator options of a block's attention (causal, sequence on, deterministic; the backward accumulates
+ * into the depth-gradient buffer). */
+moda_options moda_model_attn_options(int64_t d0, int64_t d1, int backward);
 
 /* FLOPs of one training token (forward + backward, matrices x6 and attention at sequence length T) and the
  * bytes of the fp32 depth buffers (Kd, Vd and their gradients) of a micro-batch. */
@@ -223,18 +234,34 @@ typedef struct moda_train_settings {
     uint64_t seed;
 } moda_train_settings;
 
+typedef struct moda_gpu_model moda_gpu_model;
+
 typedef struct moda_trainer {
-    moda_model *model;
-    moda_adamw opt;
+    moda_model *model;      /* on the GPU: the host mirror of the parameters (checkpoints), B = T = 1 */
+    moda_adamw opt;         /* on the GPU: hyper-parameters, t, and the host mirror of the moments */
     moda_data *data;        /* borrowed */
     moda_train_settings s;
     int64_t step;           /* steps done */
     uint64_t rng;           /* the run's RNG state (sampling, future dropout); checkpointed */
     int32_t *inputs, *targets;
+    moda_gpu_model *gpu;    /* NULL: the CPU trainer */
 } moda_trainer;
+
+/* Where a trainer runs. micro_batch (GPU only): rows per forward/backward, the gradients of batch/micro_batch
+ * of them accumulated before each update (0 = the whole batch). It changes memory, not the run: it is not
+ * part of the checkpoint, and a run may resume on either device with any micro-batch. */
+typedef struct moda_train_device {
+    moda_device device;
+    int64_t micro_batch;
+} moda_train_device;
 
 moda_status moda_trainer_create(moda_trainer *tr, const moda_model_config *config, const moda_train_settings *s,
                                 moda_data *data);
+moda_status moda_trainer_create_on(moda_trainer *tr, const moda_model_config *config, const moda_train_settings *s,
+                                   moda_data *data, const moda_train_device *dev);
+/* GPU trainers: parameters and moments device -> host mirror (before a checkpoint) and back (after a load). */
+moda_status moda_trainer_sync_host(const moda_trainer *tr);
+moda_status moda_trainer_sync_device(moda_trainer *tr);
 void moda_trainer_free(moda_trainer *tr);
 /* One optimiser step on the next batch; loss and gradient norm out. */
 moda_status moda_trainer_step(moda_trainer *tr, double *loss, double *grad_norm);
@@ -258,6 +285,38 @@ moda_status moda_checkpoint_load_model(moda_model *m, const char *path);
 int32_t moda_sample_token(const double *logits, int64_t V, double temperature, int64_t top_k, uint64_t *rng);
 uint64_t moda_rng_next(uint64_t *state);
 double moda_rng_uniform(uint64_t *state);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * The GPU backend (src/model/cuda, built with CUDA; without it every call fails with MODA_ERR_NOT_BUILT):
+ * the same model, optimiser and parameter layout on one CUDA device, bf16 weights and activations for the
+ * GEMMs with fp32 master weights, gradients and AdamW state (docs/model_notes.md, "GPU").
+ * ------------------------------------------------------------------------------------------------------- */
+enum { MODA_GPU_PHASE_GEMM, MODA_GPU_PHASE_ATTN_FWD, MODA_GPU_PHASE_ATTN_BWD, MODA_GPU_PHASE_ELEM,
+       MODA_GPU_PHASE_OPT, MODA_GPU_PHASE_COPY, MODA_GPU_PHASES };
+
+/* A model for micro-batches of micro_batch rows of T tokens, and batches of up to max_micro of them. */
+moda_status moda_gpu_model_create(moda_gpu_model **out, const moda_model_config *config, int64_t micro_batch,
+                                  int64_t T, int64_t max_micro);
+void moda_gpu_model_free(moda_gpu_model *g);
+int64_t moda_gpu_model_micro_batch(const moda_gpu_model *g);
+size_t moda_gpu_model_device_bytes(const moda_gpu_model *g);
+/* fp32 parameters (and AdamW moments; NULL = zero) in the CPU model's flat layout, host <-> device. */
+moda_status moda_gpu_model_set_state(moda_gpu_model *g, const float *params, const float *m, const float *v);
+moda_status moda_gpu_model_get_state(moda_gpu_model *g, float *params, float *m, float *v);
+moda_status moda_gpu_model_get_grads(moda_gpu_model *g, float *grads);
+/* Mean loss of rows x T tokens (rows a multiple of the micro-batch); with grads, the gradients of that mean
+ * (accumulated over the micro-batches) overwrite the device's gradient buffer. */
+moda_status moda_gpu_model_loss(moda_gpu_model *g, const int32_t *in, const int32_t *tgt, int64_t rows, int grads,
+                                double *loss);
+/* Loss and gradients as above, then AdamW (opt's hyper-parameters, rate lr, update number t >= 1 for the bias
+ * correction) with clipping; one host synchronisation at the end. A non-finite loss leaves the weights alone. */
+moda_status moda_gpu_model_train_step(moda_gpu_model *g, const int32_t *in, const int32_t *tgt, int64_t rows,
+                                      const moda_adamw *opt, double lr, int64_t t, double *loss, double *grad_norm);
+/* Per-phase timing with CUDA events (costs a little); the report gives milliseconds per phase summed over the
+ * profiled training steps and returns their number. */
+moda_status moda_gpu_model_profile(moda_gpu_model *g, int on);
+int64_t moda_gpu_model_profile_report(const moda_gpu_model *g, double ms[MODA_GPU_PHASES]);
+const char *moda_gpu_phase_name(int phase);
 
 /* A loss curve as PNG (train in blue, validation in red). */
 moda_status moda_plot_losses(const char *path, const double *train_x, const double *train_y, int64_t ntrain,

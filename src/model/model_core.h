@@ -46,14 +46,7 @@ static moda_tensor KN(lse_view)(const struct moda_model *m, void *ptr) {
 }
 
 static moda_options KN(attn_options)(const moda_block_acts *a, int backward) {
-    moda_options o = moda_default_options();
-    o.causal = 1;
-    o.sequence = 1;
-    o.depth_begin = a->d1 > a->d0 ? a->d0 : 0;
-    o.depth_end = a->d1 > a->d0 ? a->d1 : 0;
-    o.deterministic = 1;
-    if (backward) o.depth_grad_mode = MODA_DEPTH_GRAD_ACCUMULATE;
-    return o;
+    return moda_model_attn_options(a->d0, a->d1, backward);
 }
 
 /* A depth slot written straight from its projection: the GEMMs' output rows have the slot stride L*Hk*d

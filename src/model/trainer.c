@@ -7,15 +7,31 @@
 
 moda_status moda_trainer_create(moda_trainer *tr, const moda_model_config *config, const moda_train_settings *s,
                                 moda_data *data) {
+    moda_train_device cpu = {MODA_CPU, 0};
+    return moda_trainer_create_on(tr, config, s, data, &cpu);
+}
+
+moda_status moda_trainer_create_on(moda_trainer *tr, const moda_model_config *config, const moda_train_settings *s,
+                                   moda_data *data, const moda_train_device *dev) {
     memset(tr, 0, sizeof *tr);
     if (s->steps < 1) return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "steps %lld must be >= 1", (long long)s->steps);
     if (data->max_token >= config->V)
         return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "the data holds token %lld but the vocabulary is %lld (set --vocab)",
                          (long long)data->max_token, (long long)config->V);
-    moda_status st = moda_model_create(&tr->model, config, MODA_F32, s->batch, s->seq);
+    const int gpu = dev && dev->device == MODA_CUDA;
+    const int64_t micro = gpu && dev->micro_batch > 0 ? dev->micro_batch : s->batch;
+    if (gpu && (micro > s->batch || s->batch % micro))
+        return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "--micro-batch %lld must divide --batch %lld", (long long)micro,
+                               (long long)s->batch);
+    /* on the GPU the host model only mirrors the parameters (checkpoints, sampling): no activations */
+    moda_status st = moda_model_create(&tr->model, config, MODA_F32, gpu ? 1 : s->batch, gpu ? 1 : s->seq);
     if (st != MODA_OK) return st;
     moda_model_init(tr->model, s->seed);
     st = moda_adamw_init(&tr->opt, moda_model_num_params(tr->model), s->lr, s->warmup, s->steps);
+    if (st == MODA_OK && gpu) {
+        st = moda_gpu_model_create(&tr->gpu, moda_model_get_config(tr->model), micro, s->seq, s->batch / micro);
+        if (st == MODA_OK) st = moda_gpu_model_set_state(tr->gpu, moda_model_params(tr->model), NULL, NULL);
+    }
     if (st == MODA_OK) st = moda_data_start(data, s->batch, s->seq, s->seed);
     tr->inputs = malloc((size_t)(s->batch * s->seq) * sizeof(int32_t));
     tr->targets = malloc((size_t)(s->batch * s->seq) * sizeof(int32_t));
@@ -31,6 +47,7 @@ moda_status moda_trainer_create(moda_trainer *tr, const moda_model_config *confi
 }
 
 void moda_trainer_free(moda_trainer *tr) {
+    moda_gpu_model_free(tr->gpu);
     moda_model_free(tr->model);
     moda_adamw_free(&tr->opt);
     free(tr->inputs);
@@ -38,15 +55,38 @@ void moda_trainer_free(moda_trainer *tr) {
     memset(tr, 0, sizeof *tr);
 }
 
+moda_status moda_trainer_sync_host(const moda_trainer *tr) {
+    if (!tr->gpu) return MODA_OK;
+    return moda_gpu_model_get_state(tr->gpu, moda_model_params(tr->model), tr->opt.m, tr->opt.v);
+}
+
+moda_status moda_trainer_sync_device(moda_trainer *tr) {
+    if (!tr->gpu) return MODA_OK;
+    return moda_gpu_model_set_state(tr->gpu, moda_model_params(tr->model), tr->opt.m, tr->opt.v);
+}
+
 moda_status moda_trainer_step(moda_trainer *tr, double *loss, double *grad_norm) {
     moda_status st = moda_data_next(tr->data, tr->inputs, tr->targets);
     if (st != MODA_OK) return st;
-    st = moda_model_step(tr->model, tr->inputs, tr->targets, 1, loss);
-    if (st != MODA_OK) return st;
-    if (!isfinite(*loss))
-        return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "the loss became %g at step %lld (lower the learning rate)", *loss,
-                         (long long)tr->step);
-    double gn = moda_adamw_update(&tr->opt, tr->model);
+    double gn = 0;
+    if (tr->gpu) {
+        /* the schedule and the bias correction use the update number as the CPU's moda_adamw_update does */
+        const double lr = moda_lr_at(&tr->opt, tr->opt.t);
+        st = moda_gpu_model_train_step(tr->gpu, tr->inputs, tr->targets, tr->s.batch, &tr->opt, lr, tr->opt.t + 1, loss,
+                                       &gn);
+        if (st != MODA_OK) return st;
+        if (!isfinite(*loss)) /* the device skipped the update */
+            return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "the loss became %g at step %lld (lower the learning rate)",
+                                   *loss, (long long)tr->step);
+        tr->opt.t++;
+    } else {
+        st = moda_model_step(tr->model, tr->inputs, tr->targets, 1, loss);
+        if (st != MODA_OK) return st;
+        if (!isfinite(*loss))
+            return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "the loss became %g at step %lld (lower the learning rate)", *loss,
+                             (long long)tr->step);
+        gn = moda_adamw_update(&tr->opt, tr->model);
+    }
     if (grad_norm) *grad_norm = gn;
     tr->step++;
     return MODA_OK;
@@ -80,7 +120,24 @@ moda_status moda_eval_model(moda_model *m, const moda_data *dt, int64_t max_batc
 }
 
 moda_status moda_trainer_eval(moda_trainer *tr, int64_t max_batches, double *loss) {
-    return moda_eval_model(tr->model, tr->data, max_batches, loss);
+    if (!tr->gpu) return moda_eval_model(tr->model, tr->data, max_batches, loss);
+    const int64_t B = tr->s.batch, T = tr->s.seq;
+    int64_t nb = moda_data_val_batches(tr->data, B, T);
+    if (nb < 1)
+        return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "the validation split (%lld tokens) holds no batch of %lld x %lld + 1",
+                               (long long)tr->data->val_count, (long long)B, (long long)T);
+    if (max_batches > 0 && nb > max_batches) nb = max_batches;
+    double sum = 0;
+    for (int64_t i = 0; i < nb; i++) {
+        double l;
+        /* the training batch buffers are free between steps */
+        moda_data_val_batch(tr->data, i, B, T, tr->inputs, tr->targets);
+        moda_status st = moda_gpu_model_loss(tr->gpu, tr->inputs, tr->targets, B, 0, &l);
+        if (st != MODA_OK) return st;
+        sum += l;
+    }
+    *loss = sum / (double)nb;
+    return MODA_OK;
 }
 
 int32_t moda_sample_token(const double *logits, int64_t V, double temperature, int64_t top_k, uint64_t *rng) {

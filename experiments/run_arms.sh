@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# experiments/run_arms.sh - the layer-number experiment of issue 8 (the paper's Table 6 in miniature): width 384,
+# 24 blocks, 6 query heads, 2 KV heads (head dim 64), T = 1024, byte-level Linux C sources
+# (experiments/prepare_data.sh), equal tokens per run, on one CUDA GPU.
+#   arms: post-norm none / attn / attn+ffn x seeds 1, 2; pre-norm none / attn+ffn x seed 1: 8 runs, named
+#   <norm>_<depth>_s<seed> with attnffn for attn+ffn (e.g. post_attnffn_s2).
+# Options: --arms "a b ..." (names as below), --steps N [1600], --batch B [32], --seq T [1024], --lr X [2e-3],
+#   --warmup N [100], --eval-every N [100], --eval-batches N [16], --data DIR [experiments/data],
+#   --out DIR [experiments/runs], --moda PATH [the build's moda], --device cpu|cuda [cuda; cpu only to try
+#   the script with a few tiny steps].
+# Each run writes DIR/<arm>/log.jsonl, loss.png, ckpt.bin; experiments/results.py tabulates and plots them.
+set -u
+ALL_ARMS="post_none_s1 post_none_s2 post_attn_s1 post_attn_s2 post_attnffn_s1 post_attnffn_s2 pre_none_s1 pre_attnffn_s1"
+ARMS=$ALL_ARMS
+STEPS=1600
+BATCH=32
+SEQ=1024
+LR=2e-3
+WARMUP=100
+EVAL_EVERY=100
+EVAL_BATCHES=16
+DATA=experiments/data
+OUTROOT=experiments/runs
+MODA=${MODA:-${BUILD:-/tmp/moda_build_model}/moda}
+DEVICE=cuda
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --arms) ARMS=$2 ;;
+    --steps) STEPS=$2 ;;
+    --batch) BATCH=$2 ;;
+    --seq) SEQ=$2 ;;
+    --lr) LR=$2 ;;
+    --warmup) WARMUP=$2 ;;
+    --eval-every) EVAL_EVERY=$2 ;;
+    --eval-batches) EVAL_BATCHES=$2 ;;
+    --data) DATA=$2 ;;
+    --out) OUTROOT=$2 ;;
+    --moda) MODA=$2 ;;
+    --device) DEVICE=$2 ;;
+    *) echo "run_arms.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift 2
+done
+[ -x "$MODA" ] || { echo "run_arms.sh: no moda at $MODA (set MODA=...)" >&2; exit 2; }
+[ -f "$DATA/train.txt" ] || { echo "run_arms.sh: no $DATA/train.txt (run experiments/prepare_data.sh)" >&2; exit 2; }
+mkdir -p "$OUTROOT"
+rc=0
+for arm in $ARMS; do
+    norm=${arm%%_*}
+    rest=${arm#*_}
+    depth=${rest%_s*}
+    [ "$depth" = attnffn ] && depth=attn+ffn # folder names without '+' (the device tool skips such names)
+    seed=${arm##*_s}
+    echo "== $arm: --norm $norm --depth $depth --seed $seed, $STEPS steps of $BATCH x $SEQ tokens"
+    "$MODA" train --device "$DEVICE" --data "$DATA/train.txt" --val "$DATA/val.txt" \
+        --width 384 --blocks 24 --heads 6 --kv-heads 2 --head-dim 64 --norm "$norm" --depth "$depth" \
+        --seed "$seed" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --lr "$LR" --warmup "$WARMUP" \
+        --eval-every "$EVAL_EVERY" --eval-batches "$EVAL_BATCHES" --ckpt-every "$STEPS" --log-every 50 \
+        --out "$OUTROOT/$arm" || rc=1
+done
+exit $rc
