@@ -2,14 +2,21 @@
  * api.cu - the CUDA backend's entry points that src/api.c calls: device count, the device-specific checks
  * that run inside validation (before any output is touched), and the forward dispatch.
  *
- * Dispatch: f16/bf16 with d == dv in {64, 128} and 16-byte aligned rows -> the tensor-core kernel
- * (forward_fast.cu); every other supported case (d, dv up to 256 in any combination, f32 storage,
- * element-aligned views) -> the generic kernel (forward_generic.cu). Both compute spec.md §2 exactly; the
- * choice never changes which problems are accepted.
+ * Dispatch: on compute capability 9.0 with the sm_90a image loaded, f16/bf16 with d == dv in {64, 128} and
+ * TMA-legal views -> the Hopper kernel (forward_hopper.cu: wgmma, TMA, warp specialisation); otherwise f16/bf16
+ * with d == dv in {64, 128} and 16-byte aligned rows -> the mma.sync tensor-core kernel (forward_fast.cu); every
+ * other supported case (d, dv up to 256 in any combination, f32 storage, element-aligned views) -> the generic
+ * kernel (forward_generic.cu). All compute spec.md §2 exactly; the choice never changes which problems are
+ * accepted. MODA_CUDA_FORWARD=auto|hopper|mma|generic (read at each forward call) forces the first kernel tried, so
+ * that tests and benchmarks can run each path on the same machine: "mma" skips the Hopper kernel, "generic"
+ * uses the generic kernel for everything, "hopper" and "auto" take the order above.
  */
 #include "common.cuh"
+#include "forward_hopper.cuh"
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 extern "C" int moda_cuda_devices(void) {
     int n = 0;
@@ -19,6 +26,12 @@ extern "C" int moda_cuda_devices(void) {
     }
     return n;
 }
+
+/* Whether "auto" takes the Hopper kernel: on since the GPU grid passed on an H100 on both paths with memcheck and
+ * racecheck clean (docs/cuda_hopper_notes.md records the runs); -DMODA_HOPPER_FORWARD_DEFAULT=0 turns it off. */
+#ifndef MODA_HOPPER_FORWARD_DEFAULT
+#define MODA_HOPPER_FORWARD_DEFAULT 1
+#endif
 
 namespace {
 
@@ -116,9 +129,49 @@ extern "C" moda_status moda_cuda_check(const moda_problem *p, int backward) {
     return MODA_OK;
 }
 
+namespace {
+
+enum forward_path { PATH_AUTO, PATH_HOPPER, PATH_MMA, PATH_GENERIC };
+
+/* MODA_CUDA_FORWARD at this call (a getenv per forward, negligible next to a launch, so that one test process
+ * can run its grid on each path in turn); unset or unknown means auto. */
+forward_path forced_path(void) {
+    const char *e = getenv("MODA_CUDA_FORWARD");
+    if (!e) return PATH_AUTO;
+    if (!strcmp(e, "hopper")) return PATH_HOPPER;
+    if (!strcmp(e, "mma")) return PATH_MMA;
+    if (!strcmp(e, "generic")) return PATH_GENERIC;
+    return PATH_AUTO;
+}
+
+/* The kernel family of this thread's last forward launch, for tests (moda_testing_cuda_last_forward). */
+thread_local const char *last_forward = "none";
+
+} // namespace
+
 extern "C" moda_status moda_cuda_forward(const moda_problem *p, void *stream) {
     if (p->B == 0 || p->T == 0 || p->Hk == 0 || p->G == 0) return MODA_OK;
     cudaStream_t s = (cudaStream_t)stream;
-    if (moda_cuda_fast_forward_supports(p)) return moda_cuda_fast_forward(p, s);
+    const forward_path path = forced_path();
+    if (path != PATH_GENERIC) {
+        if ((path == PATH_HOPPER || (path == PATH_AUTO && MODA_HOPPER_FORWARD_DEFAULT)) &&
+            moda_cuda_hopper_forward_supports(p)) {
+            int launched = 0;
+            const moda_status st = moda_cuda_hopper_forward(p, s, &launched);
+            if (st != MODA_OK || launched) {
+                last_forward = "hopper";
+                return st;
+            }
+        }
+        if (moda_cuda_fast_forward_supports(p)) {
+            last_forward = "mma";
+            return moda_cuda_fast_forward(p, s);
+        }
+    }
+    last_forward = "generic";
     return moda_cuda_generic_forward(p, s);
 }
+
+/* Private hook (not in moda.h; tests declare it): "hopper", "mma" or "generic" for the kernel family the last
+ * forward on this thread chose ("none" before any). */
+extern "C" MODA_API const char *moda_testing_cuda_last_forward(void) { return last_forward; }

@@ -1,4 +1,7 @@
-/* test_forward.c - the CUDA forward (both kernels: tensor-core and generic) against the float64 reference.
+/* test_forward.c - the CUDA forward (all kernels: Hopper wgmma/TMA, mma.sync tensor-core, generic) against the
+ * float64 reference. Every check runs once per forward path: MODA_CUDA_FORWARD=hopper (the sm_90a kernel where
+ * the device and the problem allow it) and =mma (the mma.sync kernel), so the same grid covers both; on a
+ * compute-capability-9 device the hopper pass must really have run the Hopper kernel on its eligible cases.
  *
  * 1. A grid of odd cases (spec.md §4 tolerance policy, full reference): T = 1 and 77, G = 1/3/8, d = 80,
  *    dv != d, 0/1/7/64 slots, ranges not starting at 0, chunk sizes 1/5/64, depth-only, non-causal, the
@@ -7,7 +10,8 @@
  *    here (the full reference would take hours), S4's depth tensors beyond 2^31 elements included.
  *
  * Environment: MODA_TEST_SEED (rerun a failure), MODA_TEST_QUICK (grid only, small; sanitizer runs),
- * MODA_TEST_VERBOSE (print every comparison). */
+ * MODA_TEST_VERBOSE (print every comparison), MODA_TEST_FORWARD_PATHS (e.g. "hopper" or "mma,generic": the
+ * paths to run, default "hopper,mma"). */
 #include "testutil.h"
 
 #include <cuda_runtime.h>
@@ -16,6 +20,18 @@
 #include <string.h>
 
 #include "gpu_util.h"
+
+/* Private library hook (src/cuda/api.cu): the kernel family the last forward on this thread chose. */
+MODA_API const char *moda_testing_cuda_last_forward(void);
+
+/* Kernel families chosen in the current pass, counted over the grid cases. */
+static int g_ran_hopper, g_ran_mma, g_ran_generic;
+static void count_kernel(void) {
+    const char *k = moda_testing_cuda_last_forward();
+    if (!strcmp(k, "hopper")) g_ran_hopper++;
+    else if (!strcmp(k, "mma")) g_ran_mma++;
+    else if (!strcmp(k, "generic")) g_ran_generic++;
+}
 
 /* ---------------------------------------------------------------------------------------------------------
  * 1. Full-reference grid
@@ -62,6 +78,7 @@ static void run_grid_case(const tu_case *c, moda_dtype dt, tu_rng *r, cudaStream
                                   vd.dev ? &vdv : NULL, &ov, with_lse ? &lv : NULL, stream);
     TU_CHECK(st == MODA_OK, "moda_forward on CUDA returned %s (%s) [%s %s]", moda_status_string(st),
              moda_last_error(), tu_case_str(c), moda_dtype_name(dt));
+    if (st == MODA_OK) count_kernel();
     CUDA_OK(cudaStreamSynchronize(stream));
     from_device(&o);
     from_device(&lse);
@@ -162,7 +179,8 @@ static void fill_device(void *dev, moda_dtype dt, int64_t n, uint64_t *s, float 
 }
 
 
-static void big_case(const big_shape *s, moda_dtype dt, int nsample, uint64_t seed, cudaStream_t stream) {
+static void big_case(const big_shape *s, moda_dtype dt, int nsample, uint64_t seed, cudaStream_t stream,
+                     const char *const *paths, int npaths) {
     const int64_t B = s->B, T = s->T, Hk = s->Hk, G = s->G, d = s->d, L = s->L, Hq = Hk * G;
     const int64_t nq = B * T * Hq * d, nk = B * T * Hk * d, nkd = B * T * L * Hk * d;
     size_t free_b = 0, total_b = 0;
@@ -188,99 +206,109 @@ static void big_case(const big_shape *s, moda_dtype dt, int nsample, uint64_t se
     fill_device(v, dt, nk, &st, hv);
     fill_device(kd, dt, nkd, &st, NULL);
     fill_device(vd, dt, nkd, &st, NULL);
-    CUDA_OK(cudaMemset(o, 0xFF, 2 * (size_t)nq)); /* poison */
-    CUDA_OK(cudaMemset(lse, 0xFF, 4 * (size_t)(B * T * Hq)));
+    const uint64_t st0 = st;
+    for (int pi = 0; pi < npaths; pi++) {
+        setenv("MODA_CUDA_FORWARD", paths[pi], 1);
+        st = st0; /* the same sampled rows on every path */
+        CUDA_OK(cudaMemset(o, 0xFF, 2 * (size_t)nq)); /* poison */
+        CUDA_OK(cudaMemset(lse, 0xFF, 4 * (size_t)(B * T * Hq)));
 
-    const int64_t qsh[4] = {B, T, Hk, d}, kdsh[5] = {B, T, L, Hk, d}, lsh[4] = {B, T, Hk, G};
-    moda_tensor tq = moda_tensor_q_standard(q, dt, MODA_CUDA, B, T, Hk, G, d);
-    moda_tensor to = moda_tensor_q_standard(o, dt, MODA_CUDA, B, T, Hk, G, d);
-    moda_tensor tk = moda_tensor_contiguous(k, dt, MODA_CUDA, 4, qsh);
-    moda_tensor tv = moda_tensor_contiguous(v, dt, MODA_CUDA, 4, qsh);
-    moda_tensor tkd = moda_tensor_contiguous(kd, dt, MODA_CUDA, 5, kdsh);
-    moda_tensor tvd = moda_tensor_contiguous(vd, dt, MODA_CUDA, 5, kdsh);
-    moda_tensor tl = moda_tensor_contiguous(lse, MODA_F32, MODA_CUDA, 4, lsh);
-    moda_options opt = moda_default_options();
-    moda_status rc = moda_forward(&opt, &tq, &tk, &tv, &tkd, &tvd, &to, &tl, stream);
-    TU_CHECK(rc == MODA_OK, "%s: moda_forward returned %s (%s)", s->name, moda_status_string(rc), moda_last_error());
-    CUDA_OK(cudaStreamSynchronize(stream));
+        const int64_t qsh[4] = {B, T, Hk, d}, kdsh[5] = {B, T, L, Hk, d}, lsh[4] = {B, T, Hk, G};
+        moda_tensor tq = moda_tensor_q_standard(q, dt, MODA_CUDA, B, T, Hk, G, d);
+        moda_tensor to = moda_tensor_q_standard(o, dt, MODA_CUDA, B, T, Hk, G, d);
+        moda_tensor tk = moda_tensor_contiguous(k, dt, MODA_CUDA, 4, qsh);
+        moda_tensor tv = moda_tensor_contiguous(v, dt, MODA_CUDA, 4, qsh);
+        moda_tensor tkd = moda_tensor_contiguous(kd, dt, MODA_CUDA, 5, kdsh);
+        moda_tensor tvd = moda_tensor_contiguous(vd, dt, MODA_CUDA, 5, kdsh);
+        moda_tensor tl = moda_tensor_contiguous(lse, MODA_F32, MODA_CUDA, 4, lsh);
+        moda_options opt = moda_default_options();
+        moda_status rc = moda_forward(&opt, &tq, &tk, &tv, &tkd, &tvd, &to, &tl, stream);
+        TU_CHECK(rc == MODA_OK, "%s: moda_forward returned %s (%s)", s->name, moda_status_string(rc),
+                 moda_last_error());
+        CUDA_OK(cudaStreamSynchronize(stream));
+        const char *kern = moda_testing_cuda_last_forward();
 
-    /* Sampled rows: the last rows (longest sequence part), the first, the top of the depth tensor (offsets
-     * beyond 2^31), and random ones. */
-    double num2 = 0, den2 = 0, lse_err = 0;
-    int64_t nonfinite = 0;
-    double *z = malloc(sizeof(double) * (size_t)(T + L));
-    uint16_t *kdrow = malloc(2 * (size_t)(L * d)), *vdrow = malloc(2 * (size_t)(L * d)), *orow = malloc(2 * (size_t)d);
-    float *kdf = malloc(4 * (size_t)(L * d)), *vdf = malloc(4 * (size_t)(L * d)), *of = malloc(4 * (size_t)d);
-    double *acc = malloc(sizeof(double) * (size_t)d);
-    for (int si = 0; si < nsample; si++) {
-        int64_t b, t, h, g;
-        st ^= st << 13;
-        st ^= st >> 7;
-        st ^= st << 17;
-        if (si < 4) {
-            b = B - 1, t = T - 1 - si, h = Hk - 1 - (si & 1), g = G - 1 - (si >> 1) % G;
-        } else if (si < 6) {
-            b = 0, t = si - 4, h = 0, g = si - 4;
-        } else {
-            b = (int64_t)(st % (uint64_t)B);
-            t = (int64_t)((st >> 8) % (uint64_t)T);
-            h = (int64_t)((st >> 24) % (uint64_t)Hk);
-            g = (int64_t)((st >> 40) % (uint64_t)G);
+        /* Sampled rows: the last rows (longest sequence part), the first, the top of the depth tensor (offsets
+         * beyond 2^31), and random ones. */
+        double num2 = 0, den2 = 0, lse_err = 0;
+        int64_t nonfinite = 0;
+        double *z = malloc(sizeof(double) * (size_t)(T + L));
+        uint16_t *kdrow = malloc(2 * (size_t)(L * d)), *vdrow = malloc(2 * (size_t)(L * d));
+        uint16_t *orow = malloc(2 * (size_t)d);
+        float *kdf = malloc(4 * (size_t)(L * d)), *vdf = malloc(4 * (size_t)(L * d)), *of = malloc(4 * (size_t)d);
+        double *acc = malloc(sizeof(double) * (size_t)d);
+        for (int si = 0; si < nsample; si++) {
+            int64_t b, t, h, g;
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            if (si < 4) {
+                b = B - 1, t = T - 1 - si, h = Hk - 1 - (si & 1), g = G - 1 - (si >> 1) % G;
+            } else if (si < 6) {
+                b = 0, t = si - 4, h = 0, g = si - 4;
+            } else {
+                b = (int64_t)(st % (uint64_t)B);
+                t = (int64_t)((st >> 8) % (uint64_t)T);
+                h = (int64_t)((st >> 24) % (uint64_t)Hk);
+                g = (int64_t)((st >> 40) % (uint64_t)G);
+            }
+            const int64_t qoff = ((b * T + t) * Hq + h * G + g) * d;
+            /* depth slots of token t, head h: rows of d with stride Hk*d */
+            const int64_t kdoff = (((b * T + t) * L) * Hk + h) * d;
+            CUDA_OK(cudaMemcpy2D(kdrow, 2 * (size_t)d, (uint16_t *)kd + kdoff, 2 * (size_t)(Hk * d), 2 * (size_t)d,
+                                 (size_t)L, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy2D(vdrow, 2 * (size_t)d, (uint16_t *)vd + kdoff, 2 * (size_t)(Hk * d), 2 * (size_t)d,
+                                 (size_t)L, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(orow, (uint16_t *)o + qoff, 2 * (size_t)d, cudaMemcpyDeviceToHost));
+            moda_convert(kdf, MODA_F32, kdrow, dt, L * d);
+            moda_convert(vdf, MODA_F32, vdrow, dt, L * d);
+            moda_convert(of, MODA_F32, orow, dt, d);
+            float lse_dev;
+            CUDA_OK(cudaMemcpy(&lse_dev, lse + (b * T + t) * Hq + h * G + g, 4, cudaMemcpyDeviceToHost));
+            const double scale = 1.0 / sqrt((double)d);
+            double m = -INFINITY;
+            for (int64_t j = 0; j < t + 1 + L; j++) {
+                const float *kr = j <= t ? hk + ((b * T + j) * Hk + h) * d : kdf + (j - t - 1) * d;
+                double dot = 0;
+                for (int64_t i = 0; i < d; i++) dot += (double)hq[qoff + i] * kr[i];
+                z[j] = dot * scale;
+                if (z[j] > m) m = z[j];
+            }
+            double sum = 0;
+            for (int64_t i = 0; i < d; i++) acc[i] = 0;
+            for (int64_t j = 0; j < t + 1 + L; j++) {
+                const double pj = exp(z[j] - m);
+                const float *vr = j <= t ? hv + ((b * T + j) * Hk + h) * d : vdf + (j - t - 1) * d;
+                sum += pj;
+                for (int64_t i = 0; i < d; i++) acc[i] += pj * vr[i];
+            }
+            for (int64_t i = 0; i < d; i++) {
+                const double ref = acc[i] / sum, got = of[i];
+                if (!isfinite(got)) nonfinite++;
+                num2 += (got - ref) * (got - ref);
+                den2 += ref * ref;
+            }
+            const double lref = m + log(sum);
+            if (!isfinite(lse_dev)) nonfinite++;
+            const double le = fabs(lse_dev - lref) / (1.0 + fabs(lref));
+            if (le > lse_err) lse_err = le;
         }
-        const int64_t qoff = ((b * T + t) * Hq + h * G + g) * d;
-        /* depth slots of token t, head h: rows of d with stride Hk*d */
-        const int64_t kdoff = (((b * T + t) * L) * Hk + h) * d;
-        CUDA_OK(cudaMemcpy2D(kdrow, 2 * (size_t)d, (uint16_t *)kd + kdoff, 2 * (size_t)(Hk * d), 2 * (size_t)d,
-                             (size_t)L, cudaMemcpyDeviceToHost));
-        CUDA_OK(cudaMemcpy2D(vdrow, 2 * (size_t)d, (uint16_t *)vd + kdoff, 2 * (size_t)(Hk * d), 2 * (size_t)d,
-                             (size_t)L, cudaMemcpyDeviceToHost));
-        CUDA_OK(cudaMemcpy(orow, (uint16_t *)o + qoff, 2 * (size_t)d, cudaMemcpyDeviceToHost));
-        moda_convert(kdf, MODA_F32, kdrow, dt, L * d);
-        moda_convert(vdf, MODA_F32, vdrow, dt, L * d);
-        moda_convert(of, MODA_F32, orow, dt, d);
-        float lse_dev;
-        CUDA_OK(cudaMemcpy(&lse_dev, lse + (b * T + t) * Hq + h * G + g, 4, cudaMemcpyDeviceToHost));
-        const double scale = 1.0 / sqrt((double)d);
-        double m = -INFINITY;
-        for (int64_t j = 0; j < t + 1 + L; j++) {
-            const float *kr = j <= t ? hk + ((b * T + j) * Hk + h) * d : kdf + (j - t - 1) * d;
-            double dot = 0;
-            for (int64_t i = 0; i < d; i++) dot += (double)hq[qoff + i] * kr[i];
-            z[j] = dot * scale;
-            if (z[j] > m) m = z[j];
-        }
-        double sum = 0;
-        for (int64_t i = 0; i < d; i++) acc[i] = 0;
-        for (int64_t j = 0; j < t + 1 + L; j++) {
-            const double pj = exp(z[j] - m);
-            const float *vr = j <= t ? hv + ((b * T + j) * Hk + h) * d : vdf + (j - t - 1) * d;
-            sum += pj;
-            for (int64_t i = 0; i < d; i++) acc[i] += pj * vr[i];
-        }
-        for (int64_t i = 0; i < d; i++) {
-            const double ref = acc[i] / sum, got = of[i];
-            if (!isfinite(got)) nonfinite++;
-            num2 += (got - ref) * (got - ref);
-            den2 += ref * ref;
-        }
-        const double lref = m + log(sum);
-        if (!isfinite(lse_dev)) nonfinite++;
-        const double le = fabs(lse_dev - lref) / (1.0 + fabs(lref));
-        if (le > lse_err) lse_err = le;
+        const double rel = sqrt(num2 / den2);
+        const double guide = dt == MODA_BF16 ? 1e-2 : 2e-3;
+        printf("%s %s [%s kernel, MODA_CUDA_FORWARD=%s] sampled %d rows: O rel_l2 %.3g (guide %.0e), LSE rel err %.3g, "
+               "nonfinite %lld\n",
+               s->name, moda_dtype_name(dt), kern, paths[pi], nsample, rel, guide, lse_err, (long long)nonfinite);
+        TU_CHECK(nonfinite == 0 && rel < guide && lse_err < 1e-4, "%s sampled rows out of tolerance (%s kernel)",
+                 s->name, kern);
+        free(z);
+        free(kdrow);
+        free(vdrow);
+        free(orow);
+        free(kdf);
+        free(vdf);
+        free(of);
+        free(acc);
     }
-    const double rel = sqrt(num2 / den2);
-    const double guide = dt == MODA_BF16 ? 1e-2 : 2e-3;
-    printf("%s %s sampled %d rows: O rel_l2 %.3g (guide %.0e), LSE rel err %.3g, nonfinite %lld\n", s->name,
-           moda_dtype_name(dt), nsample, rel, guide, lse_err, (long long)nonfinite);
-    TU_CHECK(nonfinite == 0 && rel < guide && lse_err < 1e-4, "%s sampled rows out of tolerance", s->name);
-    free(z);
-    free(kdrow);
-    free(vdrow);
-    free(orow);
-    free(kdf);
-    free(vdf);
-    free(of);
-    free(acc);
     free(hq);
     free(hk);
     free(hv);
@@ -333,8 +361,36 @@ int main(void) {
     tu_rng r = tu_rng_from_env("gpu_test_forward");
     cudaStream_t stream;
     CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    rejections(stream);
-    grid(&r, stream);
+    int dev = 0, major = 0;
+    CUDA_OK(cudaGetDevice(&dev));
+    CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+
+    /* the forward paths to run, from MODA_TEST_FORWARD_PATHS (default hopper,mma) */
+    static char pathbuf[64];
+    const char *paths[4];
+    int npaths = 0;
+    {
+        const char *e = getenv("MODA_TEST_FORWARD_PATHS");
+        snprintf(pathbuf, sizeof pathbuf, "%s", e && *e ? e : "hopper,mma");
+        for (char *tok = strtok(pathbuf, ","); tok && npaths < 4; tok = strtok(NULL, ",")) paths[npaths++] = tok;
+    }
+    for (int pi = 0; pi < npaths; pi++) {
+        setenv("MODA_CUDA_FORWARD", paths[pi], 1);
+        g_ran_hopper = g_ran_mma = g_ran_generic = 0;
+        if (pi == 0) rejections(stream);
+        grid(&r, stream);
+        printf("grid with MODA_CUDA_FORWARD=%s: %d cases on the Hopper kernel, %d on mma.sync, %d on generic\n",
+               paths[pi], g_ran_hopper, g_ran_mma, g_ran_generic);
+        /* the grid has about 30 f16/bf16 runs with d == dv in {64, 128}, a positive scale and standard/folded
+         * views. On a compute-capability-9 device a build without sm_90a code fails here on purpose: the Hopper
+         * path would otherwise be missing without anyone noticing. */
+        if (!strcmp(paths[pi], "hopper") && major == 9)
+            TU_CHECK(g_ran_hopper >= 20, "the hopper pass ran the Hopper kernel on %d cases only", g_ran_hopper);
+        if (strcmp(paths[pi], "hopper") != 0)
+            TU_CHECK(g_ran_hopper == 0, "MODA_CUDA_FORWARD=%s still ran the Hopper kernel", paths[pi]);
+        if (!strcmp(paths[pi], "mma"))
+            TU_CHECK(g_ran_mma >= 20, "the mma pass ran the mma.sync kernel on %d cases only", g_ran_mma);
+    }
     if (!tu_quick()) {
         const big_shape shapes[] = {
             {"S3", 1, 1024, 8, 8, 64, 64},
@@ -342,7 +398,8 @@ int main(void) {
             {"S5", 1, 8192, 8, 4, 128, 64},
             {"S4 (depth > 2^31 elements)", 1, 16384, 8, 8, 64, 256},
         };
-        for (int i = 0; i < 4; i++) big_case(&shapes[i], i == 1 ? MODA_F16 : MODA_BF16, 200, tu_next(&r), stream);
+        for (int i = 0; i < 4; i++)
+            big_case(&shapes[i], i == 1 ? MODA_F16 : MODA_BF16, 200, tu_next(&r), stream, paths, npaths);
     }
     cudaStreamDestroy(stream);
     return tu_finish("gpu_test_forward");

@@ -1,0 +1,692 @@
+/*
+ * forward_hopper.cu - the sm_90a (Hopper) MoDA forward: wgmma + TMA + warp specialisation for the sequence part,
+ * with the depth part folded into the same online-softmax state (issue 5, forward half).
+ *
+ * Selected by api.cu on compute capability 9.0 for f16/bf16, d == dv in {64, 128}, TMA-legal views (16-byte
+ * aligned bases, outer strides multiples of 16 bytes, unit innermost stride) and a positive scale; every other
+ * problem keeps going to forward_fast.cu / forward_generic.cu. docs/cuda_hopper_notes.md has the design record.
+ *
+ * CTA = 3 warpgroups, BM = 128 query rows of ONE key/value head h, rows ordered R = t*G + g (as forward_fast:
+ * a CTA's rows are whole tokens x all G heads, so one K/V tile serves the whole GQA group):
+ *  - warpgroup 0 (producer, registers lowered with setmaxnreg): one thread streams the sequence K/V tiles
+ *    (BN = 128 keys, 128B-swizzled, d = 128 as two 64-column halves) with cp.async.bulk.tensor into a STAGES-deep
+ *    ring; "full" mbarriers complete on the transaction bytes, "empty" mbarriers collect the 256 consumer threads.
+ *  - warpgroups 1 and 2 (consumers, 64 rows each): S = Q*K^T with wgmma m64n128k16 (Q and K K-major from shared
+ *    memory), masked online softmax in registers (exp2 with the scale folded in, raw row maxima as in
+ *    forward_fast), O += P*V with wgmma m64n64k16 (P from registers, V as the MN-major B operand).
+ *  - depth part: each consumer warp walks its OWN depth list (its 16 rows' tokens x the visible slots,
+ *    token-major; chunk mode from its first row's chunk start) in 16-key sub-tiles loaded with cp.async into
+ *    warp-private shared buffers, with mma.sync m16n8k16 into the SAME accumulators: a warp's part of the wgmma
+ *    m64nN accumulator is exactly the m16n8 C fragment of its 16 rows, and P's wgmma A fragment is the mma.sync A
+ *    fragment. Waste is bounded by the warp's 16 rows (G of 16 useful per slot). The sub-tiles are spread over the
+ *    sequence tiles (run after each tile's release) with their loads issued ahead, so the depth bytes stream in
+ *    while the tensor cores work on sequence tiles.
+ *
+ * All sm_90a instructions sit under __CUDA_ARCH_FEAT_SM90_ALL: the sm_80 pass (and a plain sm_90 one) compiles
+ * an empty kernel, which the host detects (binary version and the kernel's static shared memory) before it ever
+ * chooses this path.
+ */
+#include "forward_hopper.cuh"
+
+#include <cudaTypedefs.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+constexpr int HOP_BM = 128;       /* query rows per CTA: 2 consumer warpgroups x 64 */
+constexpr int HOP_BN = 128;       /* sequence keys per stage */
+constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
+constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
+
+template <int D_> struct hop_traits {
+    static constexpr int D = D_;
+    static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
+    static_assert(NH * 64 == D, "d is a multiple of 64");
+    static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
+    static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
+    static constexpr int Q_BYTES = HOP_BM * D * 2;
+    static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
+    static constexpr int DEPTH_BYTES = HOP_DK * D * 2;      /* one of K or V for one depth buffer */
+    static constexpr size_t SMEM = 1024 + (size_t)Q_BYTES + (size_t)STAGES * 2 * TILE_BYTES +
+                                   (size_t)8 * DB * 2 * DEPTH_BYTES;
+};
+
+struct hop_params : moda_fwd_operands {
+    CUtensorMap tmk, tmv;    /* 4-D maps of K and V: (column, then the three outer dims by ascending stride) */
+    int perm[3];             /* perm[i]: which of (b, t, h) is tensor-map dimension i + 1 */
+    int64_t Hk, d0;
+    int T, G, C, NR;
+    int L;
+    int causal, sequence, chunk;
+    int64_t nrb;
+    float scale_log2;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ float hx2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ int hrow_lo(int t, int chunk, int C) { return chunk ? (t / C) * C : t; }
+
+/* 128-byte swizzle of a row of 64 b16 elements: the 16-byte chunk index XOR row % 8. This is the pattern the
+ * TMA writes with CU_TENSOR_MAP_SWIZZLE_128B and the one a wgmma descriptor with layout type 1 reads, so Q
+ * (loaded with cp.async) and K/V (TMA) share it; also used for the warp-private depth tiles of D columns. */
+template <int D> __device__ __forceinline__ int hswz(int row, int col) {
+    return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+
+/* ---- mbarrier and TMA ---- */
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n"
+                 ".reg .pred P1;\n"
+                 "LAB_WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+                 "@!P1 bra LAB_WAIT;\n"
+                 "}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+                 "%3, %4, %5}], [%6];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+                 : "memory");
+}
+
+/* ---- wgmma ---- */
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+/* Keeps the compiler from moving accumulator reads/writes across the asynchronous wgmma window. */
+template <int N> __device__ __forceinline__ void reg_fence(float (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(r[i][e])::"memory");
+}
+/* Shared memory descriptor: 128B swizzle (layout type 1), SBO = 1024 bytes between 8-row groups (K-major: 8
+ * M/N rows; MN-major: 8 K rows), LBO unused for these shapes (K-major swizzled; MN-major with N = 64). */
+__device__ __forceinline__ uint64_t sdesc(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+
+/* ---- wgmma instructions (m64n128k16 SS for Q*K^T; m64n64k16 RS with B transposed for P*V) ---- */
+/* One definition per shape, instantiated for both storage types (the type is part of the instruction name).
+ * SS: Q*K^T, both operands K-major from shared memory, scale_d = 0 on the first k-step. RS: P*V, A (P) from
+ * registers, B (V) from shared memory with the transpose bit (MN-major), always accumulating. */
+#define HOP_WGMMA_SS_N128(NAME, TY) \
+    static __device__ __forceinline__ void NAME(float (&d)[16][4], uint64_t da, uint64_t db, int scale_d) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" \
+                     "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+                     "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+                     "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
+                     "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63" \
+                     "}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
+                       "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), \
+                       "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), \
+                       "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), \
+                       "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), \
+                       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
+                     : "l"(da), "l"(db), "r"(scale_d)); \
+    }
+#define HOP_WGMMA_RS_N64(NAME, TY) \
+    static __device__ __forceinline__ void NAME(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" \
+                     "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+                     "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
+                     "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n" \
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
+                       "+f"(d[7][2]), "+f"(d[7][3]) \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
+    }
+HOP_WGMMA_SS_N128(wgmma_ss_n128_bf16, "bf16")
+HOP_WGMMA_SS_N128(wgmma_ss_n128_f16, "f16")
+HOP_WGMMA_RS_N64(wgmma_rs_n64_bf16, "bf16")
+HOP_WGMMA_RS_N64(wgmma_rs_n64_f16, "f16")
+
+template <typename T> struct hop_mma;
+template <> struct hop_mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void qk(float (&d)[16][4], uint64_t a, uint64_t b, int sc) {
+        wgmma_ss_n128_bf16(d, a, b, sc);
+    }
+    static __device__ __forceinline__ void pv(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
+        wgmma_rs_n64_bf16(d, a, b);
+    }
+};
+template <> struct hop_mma<__half> {
+    static __device__ __forceinline__ void qk(float (&d)[16][4], uint64_t a, uint64_t b, int sc) {
+        wgmma_ss_n128_f16(d, a, b, sc);
+    }
+    static __device__ __forceinline__ void pv(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
+        wgmma_rs_n64_f16(d, a, b);
+    }
+};
+
+/* Merges masked raw logits s (-inf where masked; NB*8 keys per row) into the ONE online-softmax state of the
+ * thread's two rows (m in raw units, l partial per quad lane) and rescales the output accumulators; leaves the
+ * probabilities in s. Same arithmetic as forward_fast: one FFMA + one ex2 per probability. */
+template <int NB, int NO>
+__device__ __forceinline__ void hop_softmax(float (&s)[NB][4], float (&o)[NO][8][4], float (&m)[2], float (&l)[2],
+                                            float sl) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < NB; n++) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+        mx = moda_quad_max(mx);
+        const float mnew = fmaxf(m[i], mx);
+        const float msc = mnew == -INFINITY ? 0.f : mnew * sl;
+        const float alpha = hx2(fmaf(m[i], sl, -msc));
+        m[i] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < NB; n++) {
+            s[n][2 * i] = hx2(fmaf(s[n][2 * i], sl, -msc));
+            s[n][2 * i + 1] = hx2(fmaf(s[n][2 * i + 1], sl, -msc));
+            sum += s[n][2 * i] + s[n][2 * i + 1];
+        }
+        l[i] = l[i] * alpha + sum;
+#pragma unroll
+        for (int h = 0; h < NO; h++)
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                o[h][n][2 * i] *= alpha;
+                o[h][n][2 * i + 1] *= alpha;
+            }
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char *base, uint32_t bar_full,
+                                             uint32_t bar_empty, int cwg, int ntiles, int64_t b, int64_t h, int R0,
+                                             int jend) {
+    typedef hop_traits<D> TR;
+    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = HOP_DK, CH = D / 8;
+    const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
+    const int cw = cwg * 4 + ww; /* consumer warp 0..7 */
+    T *sQ = reinterpret_cast<T *>(base);
+    unsigned char *ring = base + TR::Q_BYTES;
+    T *sD = reinterpret_cast<T *>(ring + (size_t)STAGES * 2 * TR::TILE_BYTES) + (size_t)cw * DB * 2 * DK * D;
+    const int NR = p.NR, G = p.G, L = p.L;
+    const int Rg0 = R0 + 64 * cwg;            /* first row of this warpgroup */
+    const int Rw0 = Rg0 + 16 * ww;            /* first row of this warp */
+    const float sl = p.scale_log2;
+
+    /* Q rows of this warpgroup -> shared (128B-swizzled halves), zero-filled beyond NR. */
+    {
+        const T *qb = reinterpret_cast<const T *>(p.q) + b * p.qs[0] + h * p.qs[2];
+#pragma unroll
+        for (int ci = 0; ci < 64 * CH / 128; ci++) {
+            const int c = ct + ci * 128;
+            const int r = c / CH, cc = c % CH;
+            const int R = Rg0 + r;
+            const bool ok = R < NR;
+            const T *src = ok ? qb + (int64_t)(R / G) * p.qs[1] + (int64_t)(R % G) * p.qs[3] + cc * 8 : qb;
+            moda_cp_async16(moda_smem_addr(sQ + (cc >> 3) * HOP_BM * 64 + hswz<64>(64 * cwg + r, (cc & 7) * 8)), src,
+                            ok);
+        }
+        moda_cp_async_commit();
+        moda_cp_async_wait<0>();
+        /* the wgmma reads Q through the async proxy */
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
+    }
+
+    float o[NH][8][4];
+    float m[2], l[2];
+#pragma unroll
+    for (int hh = 0; hh < NH; hh++)
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[hh][n][e] = 0.f;
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+
+    /* This thread's two rows: token, first visible depth token. */
+    int trow[2], tlo[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int R = min(Rw0 + (lane >> 2) + 8 * i, NR - 1);
+        trow[i] = R / G;
+        tlo[i] = hrow_lo(trow[i], p.chunk, p.C);
+    }
+
+    /* ---------------- depth part: warp-private sub-tiles, mma.sync into the same state ----------------
+     * The warp's nd sub-tiles are interleaved with the warpgroup's sequence tiles (after each tile's release,
+     * spread evenly over the tiles the group computes; the rest after the loop): each sub-tile's cp.async is
+     * issued DB sub-tiles ahead, i.e. it is in flight while the tensor cores work on sequence tiles, so the
+     * depth stream overlaps the sequence math instead of preceding it. */
+    int wt0 = 0, wt1 = 0, u0 = 0, nkeys = 0, nd = 0;
+    if (L > 0 && Rw0 < NR) {
+        wt0 = Rw0 / G;
+        wt1 = min(Rw0 + 15, NR - 1) / G;
+        u0 = hrow_lo(wt0, p.chunk, p.C);
+        nkeys = (wt1 - u0 + 1) * L;
+        nd = (nkeys + DK - 1) / DK;
+    }
+    const T *kdb = reinterpret_cast<const T *>(p.kd) + b * p.kds[0] + h * p.kds[3];
+    const T *vdb = reinterpret_cast<const T *>(p.vd) + b * p.vds[0] + h * p.vds[3];
+    auto load_depth = [&](int it, int buf) {
+        T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
+        const int q0 = (it * DK) / L, r0 = it * DK - q0 * L;
+#pragma unroll
+        for (int ci = 0; ci < DK * CH / 32; ci++) {
+            const int c = lane + ci * 32;
+            const int rl = c / CH, cc = c % CH;
+            const int kx = it * DK + rl;
+            const bool ok = kx < nkeys;
+            const T *ks = kdb, *vs = vdb;
+            if (ok) {
+                const int x = r0 + rl;
+                const int dx = L >= DK ? (x >= L ? 1 : 0) : x / L;
+                const int64_t tok = u0 + q0 + dx, slot = p.d0 + (x - dx * L);
+                ks = kdb + tok * p.kds[1] + slot * p.kds[2] + cc * 8;
+                vs = vdb + tok * p.vds[1] + slot * p.vds[2] + cc * 8;
+            }
+            moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
+            moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
+        }
+    };
+    /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
+    auto depth_step = [&](int it) {
+        moda_cp_async_wait<DB - 1>();
+        __syncwarp();
+        const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
+        const int kx0 = it * DK;
+        const int tok_lo = u0 + kx0 / L;
+        const int tok_hi = u0 + (min(kx0 + DK, nkeys) - 1) / L;
+        /* a sub-tile whose tokens none of the warp's rows see is skipped (only possible in chunk mode) */
+        if (tok_hi >= hrow_lo(wt0, p.chunk, p.C) && tok_lo <= wt1) {
+            float s[DK / 8][4];
+#pragma unroll
+            for (int n = 0; n < DK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                /* Q's A fragment of the warp's 16 rows (mma.sync layout) from the swizzled Q tile */
+                uint32_t qf[4];
+                {
+                    const int r = 64 * cwg + 16 * ww + (lane & 15);
+                    const int col = (kk & 3) * 16 + (lane >> 4) * 8;
+                    moda_ldmatrix_x4(qf, moda_smem_addr(sQ + (kk >> 2) * HOP_BM * 64 + hswz<64>(r, col)));
+                }
+#pragma unroll
+                for (int n2 = 0; n2 < DK / 16; n2++) {
+                    uint32_t kf[4];
+                    const int key = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    const int col = kk * 16 + ((lane >> 3) & 1) * 8;
+                    moda_ldmatrix_x4(kf, moda_smem_addr(dk + hswz<D>(key, col)));
+                    moda_mma<T>::run(s[2 * n2], qf, kf[0], kf[1]);
+                    moda_mma<T>::run(s[2 * n2 + 1], qf, kf[2], kf[3]);
+                }
+            }
+            const int q0 = kx0 / L, r0 = kx0 - q0 * L;
+#pragma unroll
+            for (int n = 0; n < DK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int col = n * 8 + 2 * (lane & 3) + e;
+                    const int ctok = u0 + q0 + (r0 + col) / L;
+                    const bool cok = kx0 + col < nkeys;
+#pragma unroll
+                    for (int i = 0; i < 2; i++)
+                        if (!(cok && ctok >= tlo[i] && ctok <= trow[i])) s[n][2 * i + e] = -INFINITY;
+                }
+            hop_softmax<DK / 8, NH>(s, o, m, l, sl);
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; kk++) {
+                uint32_t pf[4];
+                pf[0] = moda_dt<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+                pf[1] = moda_dt<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+                pf[2] = moda_dt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pf[3] = moda_dt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                for (int n2 = 0; n2 < D / 16; n2++) {
+                    uint32_t vf[4];
+                    const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int col = n2 * 16 + (lane >> 4) * 8;
+                    moda_ldmatrix_x4_trans(vf, moda_smem_addr(dv + hswz<D>(key, col)));
+                    moda_mma<T>::run(o[n2 >> 2][(2 * n2) & 7], pf, vf[0], vf[1]);
+                    moda_mma<T>::run(o[n2 >> 2][(2 * n2 + 1) & 7], pf, vf[2], vf[3]);
+                }
+            }
+        }
+        __syncwarp(); /* every lane has read the buffer before it is refilled */
+        const int nx = it + DB;
+        if (nx < nd) load_depth(nx, nx % DB);
+        moda_cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < DB; i++) {
+        if (i < nd) load_depth(i, i);
+        moda_cp_async_commit();
+    }
+    int dnext = 0;
+
+    /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
+    const int tg0 = min(Rg0, NR - 1) / G, tg1 = min(Rg0 + 63, NR - 1) / G;
+    const int tw0 = min(Rw0, NR - 1) / G;
+    const bool gvalid = Rg0 < NR;
+    const uint32_t qaddr = moda_smem_addr(sQ) + 64 * cwg * 128;
+    /* sequence tiles this warpgroup computes (causal: up to its last token); the depth sub-tiles ride on them */
+    const int nact = !gvalid ? 0 : p.causal ? min(ntiles, tg1 / HOP_BN + 1) : ntiles;
+    for (int it = 0; it < ntiles; it++) {
+        const int stg = it % STAGES;
+        const uint32_t par = (uint32_t)((it / STAGES) & 1);
+        const int j0 = it * HOP_BN;
+        mbar_wait(bar_full + 8 * stg, par);
+        /* warpgroup-uniform: tiles entirely after the group's last token hold nothing for it */
+        if (gvalid && !(p.causal && j0 > tg1)) {
+            const uint32_t kaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
+            const uint32_t vaddr = kaddr + TR::TILE_BYTES;
+            float s[HOP_BN / 8][4];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const uint32_t off = (kk & 3) * 32; /* k16 step inside the 128-byte row */
+                const uint64_t da = sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
+                const uint64_t db = sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
+                hop_mma<T>::qk(s, da, db, kk > 0);
+            }
+            wg_commit();
+            wg_wait0();
+            reg_fence(s);
+            const bool need_mask = p.causal ? (j0 + HOP_BN - 1 > tw0) : (j0 + HOP_BN > jend);
+            if (need_mask) {
+#pragma unroll
+                for (int n = 0; n < HOP_BN / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int j = j0 + n * 8 + 2 * (lane & 3) + e;
+#pragma unroll
+                        for (int i = 0; i < 2; i++)
+                            if (!(j < jend && (!p.causal || j <= trow[i]))) s[n][2 * i + e] = -INFINITY;
+                    }
+            }
+            hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
+            uint32_t pf[HOP_BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < HOP_BN / 16; kk++) {
+                pf[kk][0] = moda_dt<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+                pf[kk][1] = moda_dt<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+                pf[kk][2] = moda_dt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pf[kk][3] = moda_dt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HOP_BN / 16; kk++)
+#pragma unroll
+                for (int hh = 0; hh < NH; hh++)
+                    hop_mma<T>::pv(o[hh], pf[kk], sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
+            wg_commit();
+            wg_wait0();
+#pragma unroll
+            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+        }
+        mbar_arrive(bar_empty + 8 * stg);
+        if (it < nact) {
+            const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
+            while (dnext < upto) depth_step(dnext++);
+        }
+    }
+    while (dnext < nd) depth_step(dnext++);
+    moda_cp_async_wait<0>();
+
+    /* Epilogue: normalise, write O and LSE (natural log). Empty rows: O = 0, LSE = -inf. */
+    T *ob = reinterpret_cast<T *>(p.o) + b * p.os[0] + h * p.os[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int R = Rw0 + (lane >> 2) + 8 * i;
+        const float lsum = moda_quad_sum(l[i]);
+        if (R >= NR) continue;
+        const int64_t t = R / G, g = R % G;
+        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        T *orow = ob + t * p.os[1] + g * p.os[3];
+#pragma unroll
+        for (int hh = 0; hh < NH; hh++)
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                const int col = hh * 64 + n * 8 + 2 * (lane & 3);
+                *reinterpret_cast<uint32_t *>(orow + col) =
+                    moda_dt<T>::pack2(o[hh][n][2 * i] * inv, o[hh][n][2 * i + 1] * inv);
+            }
+        if (p.lse && (lane & 3) == 0) {
+            const float lse = lsum > 0.f ? fmaf(m[i], sl, log2f(lsum)) * 0.69314718055994531f : -INFINITY;
+            p.lse[b * p.lses[0] + t * p.lses[1] + h * p.lses[2] + g * p.lses[3]] = lse;
+        }
+    }
+}
+
+#endif /* sm_90a */
+
+/* Static shared memory: the ring's mbarriers. Declared only in the sm_90a body, so a kernel whose attributes
+ * show no static shared memory was compiled without it (api.cu / the launcher never choose it then). */
+template <typename T, int D>
+__global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid_constant__ hop_params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    typedef hop_traits<D> TR;
+    constexpr int STAGES = TR::STAGES, NH = TR::NH;
+    __shared__ __align__(8) uint64_t bars[2 * STAGES];
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *base =
+        reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
+    const uint32_t bar_full = moda_smem_addr(&bars[0]), bar_empty = moda_smem_addr(&bars[STAGES]);
+
+    const int64_t bid = blockIdx.x;
+    const int rb = (int)(p.nrb - 1 - bid % p.nrb); /* heaviest (latest) row blocks first */
+    const int64_t bh = bid / p.nrb;
+    const int64_t b = bh / p.Hk, h = bh % p.Hk;
+    const int R0 = rb * HOP_BM;
+    const int Rlast = min(R0 + HOP_BM, p.NR) - 1;
+    const int jend = p.sequence ? (p.causal ? Rlast / p.G + 1 : p.T) : 0;
+    const int ntiles = (jend + HOP_BN - 1) / HOP_BN;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(bar_full + 8 * s, 1);
+            mbar_init(bar_empty + 8 * s, 256);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int wg = threadIdx.x >> 7;
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (threadIdx.x == 0 && ntiles > 0) {
+            unsigned char *ring = base + TR::Q_BYTES;
+            for (int it = 0; it < ntiles; it++) {
+                const int stg = it % STAGES;
+                mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / STAGES) & 1) ^ 1));
+                mbar_expect_tx(bar_full + 8 * stg, 2 * TR::TILE_BYTES);
+                int c[3];
+#pragma unroll
+                for (int i = 0; i < 3; i++) c[i] = p.perm[i] == 1 ? it * HOP_BN : (int)(p.perm[i] == 0 ? b : h);
+                const uint32_t kdst = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
+#pragma unroll
+                for (int hh = 0; hh < NH; hh++) {
+                    tma_load_4d(kdst + hh * HOP_BN * 128, &p.tmk, bar_full + 8 * stg, 64 * hh, c[0], c[1], c[2]);
+                    tma_load_4d(kdst + TR::TILE_BYTES + hh * HOP_BN * 128, &p.tmv, bar_full + 8 * stg, 64 * hh, c[0],
+                                c[1], c[2]);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        hop_consumer<T, D>(p, base, bar_full, bar_empty, wg - 1, ntiles, b, h, R0, jend);
+    }
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Host side
+ * ------------------------------------------------------------------------------------------------------- */
+/* cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda); looked up once (a function-local
+ * static: thread-safe initialisation). NULL when the driver does not offer it. */
+PFN_cuTensorMapEncodeTiled_v12000 lookup_encode(void) {
+    void *ptr = NULL;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) ==
+            cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+        return (PFN_cuTensorMapEncodeTiled_v12000)ptr;
+    moda_cuda_clear_error();
+    return NULL;
+}
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn(void) {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = lookup_encode();
+    return fn;
+}
+
+/* K or V [B, T, Hk, D] as a 4-D tiled map: dimension 0 the columns (box 64 = 128 bytes, 128B swizzle), then
+ * b, t, h ordered by ascending stride (perm says which is which); box (64, BN, 1, 1). Rows past T are
+ * zero-filled by the copy engine. */
+int encode_kv(CUtensorMap *map, int perm[3], const moda_operand *a, const moda_problem *p) {
+    PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn();
+    if (!fn) return 0;
+    const int64_t ext[3] = {p->B, p->T, p->Hk};
+    const int64_t str[3] = {a->stride[0], a->stride[1], a->stride[2]};
+    int ord[3] = {0, 1, 2};
+    for (int i = 0; i < 3; i++)
+        for (int j = i + 1; j < 3; j++)
+            if (str[ord[j]] < str[ord[i]]) {
+                const int t = ord[i];
+                ord[i] = ord[j];
+                ord[j] = t;
+            }
+    cuuint64_t dims[4], strides[3];
+    cuuint32_t box[4], es[4] = {1, 1, 1, 1};
+    dims[0] = (cuuint64_t)p->d;
+    box[0] = 64;
+    for (int i = 0; i < 3; i++) {
+        perm[i] = ord[i];
+        dims[i + 1] = (cuuint64_t)ext[ord[i]];
+        strides[i] = (cuuint64_t)str[ord[i]] * 2;
+        box[i + 1] = ord[i] == 1 ? HOP_BN : 1;
+    }
+    const CUtensorMapDataType ty =
+        p->dtype == MODA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    const CUresult r = fn(map, ty, 4, a->data, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return r == CUDA_SUCCESS;
+}
+
+/* Whether the loaded image of the kernel is the sm_90a body: binary version 9.x and the mbarriers' static shared
+ * memory (absent from the empty body an sm_80 or plain sm_90 pass compiles). Probed once per instantiation (one
+ * process, one build: the image does not change between calls). */
+template <typename T, int D> int probe_kernel(void) {
+    cudaFuncAttributes fa;
+    if (cudaFuncGetAttributes(&fa, hopper_fwd_kernel<T, D>) != cudaSuccess) {
+        moda_cuda_clear_error();
+        return 0;
+    }
+    return fa.binaryVersion >= 90 && fa.binaryVersion < 100 &&
+           fa.sharedSizeBytes >= 2 * hop_traits<D>::STAGES * sizeof(uint64_t);
+}
+template <typename T, int D> int kernel_ready(void) {
+    static const int ok = probe_kernel<T, D>();
+    return ok;
+}
+
+template <typename T, int D> moda_status launch_hopper(hop_params &prm, const moda_problem *p, cudaStream_t stream) {
+    prm.nrb = (prm.NR + HOP_BM - 1) / HOP_BM;
+    const int64_t nblocks = prm.nrb * p->B * p->Hk;
+    if (nblocks > 2147483647LL)
+        return moda_fail(MODA_ERR_UNSUPPORTED, "CUDA forward: %lld thread blocks exceed the grid limit",
+                         (long long)nblocks);
+    /* per launch, as forward_fast: the limit belongs to the current device */
+    MODA_CUDA_TRY(cudaFuncSetAttribute(hopper_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       (int)hop_traits<D>::SMEM));
+    hopper_fwd_kernel<T, D><<<(unsigned)nblocks, HOP_THREADS, hop_traits<D>::SMEM, stream>>>(prm);
+    MODA_CUDA_TRY_LAUNCH("hopper_fwd_kernel");
+    return MODA_OK;
+}
+
+} // namespace
+
+int moda_cuda_hopper_forward_supports(const moda_problem *p) {
+    /* forward_fast's conditions (f16/bf16, d == dv in {64, 128}, a positive scale, 16-byte aligned bases and
+     * strides, its 32-bit per-(b, h) index limits) are this kernel's too */
+    if (!moda_cuda_fast_forward_supports(p)) return 0;
+    /* tensor maps: outer strides positive and below 2^40 bytes; int32 coordinates */
+    const moda_operand *ops[2] = {&p->k, &p->v};
+    for (int i = 0; i < 2; i++) {
+        if (!ops[i]->data) continue;
+        for (int k = 0; k < 3; k++)
+            if (ops[i]->stride[k] <= 0 || ops[i]->stride[k] >= ((int64_t)1 << 38)) return 0;
+    }
+    if (p->B > 2147483647LL || p->Hk > 2147483647LL) return 0;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) !=
+                                                    cudaSuccess) {
+        moda_cuda_clear_error();
+        return 0;
+    }
+    if (major != 9) return 0;
+    const int bf = p->dtype == MODA_BF16;
+    if (p->d == 64) return bf ? kernel_ready<__nv_bfloat16, 64>() : kernel_ready<__half, 64>();
+    return bf ? kernel_ready<__nv_bfloat16, 128>() : kernel_ready<__half, 128>();
+}
+
+moda_status moda_cuda_hopper_forward(const moda_problem *p, cudaStream_t stream, int *launched) {
+    *launched = 0;
+    hop_params prm;
+    memset(&prm, 0, sizeof prm);
+    moda_fwd_operands_fill(&prm, p);
+    if (p->sequence) {
+        /* a view the copy engine refuses (the driver checks more than supports() does) keeps the mma.sync path */
+        if (!encode_kv(&prm.tmk, prm.perm, &p->k, p)) return MODA_OK;
+        int perm_v[3];
+        if (!encode_kv(&prm.tmv, perm_v, &p->v, p) || memcmp(perm_v, prm.perm, sizeof perm_v) != 0) return MODA_OK;
+    }
+    prm.T = (int)p->T;
+    prm.Hk = p->Hk;
+    prm.G = (int)p->G;
+    prm.C = p->chunk ? (int)(p->chunk_size < p->T ? p->chunk_size : p->T) : 1;
+    prm.d0 = p->d0;
+    prm.NR = (int)(p->T * p->G);
+    prm.L = moda_problem_has_depth(p) ? (int)moda_problem_slots(p) : 0;
+    prm.causal = p->causal;
+    prm.sequence = p->sequence;
+    prm.chunk = p->chunk;
+    prm.scale_log2 = (float)(p->scale * 1.4426950408889634);
+    const int bf = p->dtype == MODA_BF16;
+    *launched = 1;
+    if (p->d == 64)
+        return bf ? launch_hopper<__nv_bfloat16, 64>(prm, p, stream) : launch_hopper<__half, 64>(prm, p, stream);
+    return bf ? launch_hopper<__nv_bfloat16, 128>(prm, p, stream) : launch_hopper<__half, 128>(prm, p, stream);
+}
