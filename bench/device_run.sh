@@ -94,6 +94,13 @@ if has bench; then
     [ -x "$BUILD/moda" ] || bench_cmd="./$BUILD/moda_bench_cuda"
     timeout ${BENCH_TIMEOUT:-200} $bench_cmd --device cuda --shapes "$SHAPES" ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" > "$OUT/bench_cuda.log" 2>&1
     note "moda bench: rc=$? ($(( $(date +%s) - t1 )) s)"
+    # BENCH_ALT_ENV (e.g. MODA_CUDA_FORWARD=mma): the forward timed once more under that environment, in the
+    # same process tree, as a same-run baseline for the default path.
+    if [ -n "${BENCH_ALT_ENV:-}" ]; then
+        env $BENCH_ALT_ENV timeout ${BENCH_TIMEOUT:-200} $bench_cmd --device cuda --shapes "$SHAPES" --no-backward \
+            --json "$OUT/bench_cuda_alt.json" > "$OUT/bench_cuda_alt.log" 2>&1
+        note "moda bench ($BENCH_ALT_ENV, forward): rc=$?"
+    fi
 fi
 if has sdpa; then
     t1=$(date +%s)
@@ -105,6 +112,8 @@ if has variants; then
     # Kernel variants timed side by side in this one process tree: each VARIANTS entry name=FLAGS builds its
     # own libmoda.so with those CUDA flags (e.g. forward=-DMODA_FWD_INTERLEAVE=1) and runs the same bench
     # binary against it; "base" (no flags) is timed first and last, so the spread of the two says what noise is.
+    # VARIANT_ENV (default MODA_CUDA_FORWARD=mma: the forward variants live in the mma.sync kernel, which the
+    # Hopper kernel replaces by default on an H100) is set for every variant's bench.
     t1=$(date +%s)
     VARIANTS=${VARIANTS:-"interleave=-DMODA_FWD_INTERLEAVE=1 skip=-DMODA_FWD_RESCALE_SKIP=1"}
     printf 'int moda_cmd_bench_cuda(int, char **);\nint main(int c, char **v) { return moda_cmd_bench_cuda(c, v); }\n' \
@@ -126,7 +135,7 @@ if has variants; then
     for n in $names base; do
         if [ ! -x "build-var-$n/bench" ]; then note "variant $n: build failed"; tail -5 "$OUT/build_var_$n.log"; continue; fi
         echo "## variant $n" >> "$OUT/variants.txt"
-        timeout ${BENCH_TIMEOUT:-200} "build-var-$n/bench" --device cuda --shapes "$SHAPES" ${VARIANT_BENCH_ARGS:---no-backward} \
+        env ${VARIANT_ENV:-MODA_CUDA_FORWARD=mma} timeout ${BENCH_TIMEOUT:-200} "build-var-$n/bench" --device cuda --shapes "$SHAPES" ${VARIANT_BENCH_ARGS:---no-backward} \
             >> "$OUT/variants.txt" 2>&1
     done
     grep -E "^## |^\| S" "$OUT/variants.txt" | awk '/^## /{v=$3; next} {print v, $0}' | tee "$OUT/variants_short.txt"
@@ -151,6 +160,7 @@ if has profile; then
 fi
 echo
 [ -f "$OUT/bench_cuda.log" ] && cat "$OUT/bench_cuda.log"
+[ -f "$OUT/bench_cuda_alt.log" ] && { echo "($BENCH_ALT_ENV)"; grep -E "^\| S" "$OUT/bench_cuda_alt.log"; }
 [ -f "$OUT/sdpa.log" ] && tail -12 "$OUT/sdpa.log"
 echo
 cat "$summary"
