@@ -211,6 +211,32 @@ static inline void moda_fwd_operands_fill(moda_fwd_operands *a, const moda_probl
     }
 }
 
+/* The row-block view of a forward problem that both tensor-core kernels take: rows R = t*G + g of one (b, h),
+ * visible slots [d0, d0 + L), and s*log2(e) for the exp2 softmax. */
+struct moda_fwd_shape : moda_fwd_operands {
+    int64_t Hk, d0;
+    int T, G, C, NR;             /* C: chunk size (1 in token mode); NR = T*G rows per (b, h) */
+    int L;                       /* visible slots d1 - d0 (0: no depth part) */
+    int causal, sequence, chunk;
+    int64_t nrb;                 /* row blocks per (b, h), set by the launcher */
+    float scale_log2;            /* s * log2(e), > 0 on the tensor-core paths */
+};
+static inline void moda_fwd_shape_fill(moda_fwd_shape *a, const moda_problem *p) {
+    moda_fwd_operands_fill(a, p);
+    a->T = (int)p->T;
+    a->Hk = p->Hk;
+    a->G = (int)p->G;
+    a->C = p->chunk ? (int)(p->chunk_size < p->T ? p->chunk_size : p->T) : 1;
+    a->d0 = p->d0;
+    a->NR = (int)(p->T * p->G);
+    a->L = moda_problem_has_depth(p) ? (int)moda_problem_slots(p) : 0;
+    a->causal = p->causal;
+    a->sequence = p->sequence;
+    a->chunk = p->chunk;
+    a->scale_log2 = (float)(p->scale * 1.4426950408889634);
+    a->nrb = 0;
+}
+
 /* ---------------------------------------------------------------------------------------------------------
  * Forward launchers (forward_fast.cu, forward_generic.cu), called by api.cu's dispatch only. Both assume a
  * problem that passed moda_cuda_check and has at least one query row.

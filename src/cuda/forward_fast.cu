@@ -37,14 +37,7 @@
 
 namespace {
 
-struct fast_params : moda_fwd_operands {
-    int64_t Hk, d0;
-    int T, G, C, NR;             /* NR = T*G rows per (b, h) */
-    int L;                       /* visible slots d1 - d0 (0: no depth part) */
-    int causal, sequence, chunk;
-    int64_t nrb;                 /* row blocks per (b, h) */
-    float scale_log2;            /* s * log2(e), > 0 */
-};
+typedef moda_fwd_shape fast_params;
 
 /* Kernel traits: tile shapes and pipeline depth. */
 template <int D_, int MT_, int STAGES_, int SR_, bool QS_ = false> struct fast_traits {
@@ -535,19 +528,7 @@ int moda_cuda_fast_forward_supports(const moda_problem *p) {
 
 moda_status moda_cuda_fast_forward(const moda_problem *p, cudaStream_t stream) {
     fast_params prm;
-    moda_fwd_operands_fill(&prm, p);
-    prm.T = (int)p->T;
-    prm.Hk = p->Hk;
-    prm.G = (int)p->G;
-    prm.C = p->chunk ? (int)(p->chunk_size < p->T ? p->chunk_size : p->T) : 1;
-    prm.d0 = p->d0;
-    prm.NR = (int)(p->T * p->G);
-    prm.L = moda_problem_has_depth(p) ? (int)moda_problem_slots(p) : 0;
-    prm.causal = p->causal;
-    prm.sequence = p->sequence;
-    prm.chunk = p->chunk;
-    prm.scale_log2 = (float)(p->scale * 1.4426950408889634);
-    prm.nrb = 0;
+    moda_fwd_shape_fill(&prm, p);
     if (p->dtype == MODA_BF16) return dispatch_d<__nv_bfloat16>(p, prm, stream);
     return dispatch_d<__half>(p, prm, stream);
 }

@@ -53,15 +53,9 @@ template <int D_> struct hop_traits {
                                    (size_t)8 * DB * 2 * DEPTH_BYTES;
 };
 
-struct hop_params : moda_fwd_operands {
+struct hop_params : moda_fwd_shape {
     CUtensorMap tmk, tmv;    /* 4-D maps of K and V: (column, then the three outer dims by ascending stride) */
     int perm[3];             /* perm[i]: which of (b, t, h) is tensor-map dimension i + 1 */
-    int64_t Hk, d0;
-    int T, G, C, NR;
-    int L;
-    int causal, sequence, chunk;
-    int64_t nrb;
-    float scale_log2;
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -666,24 +660,13 @@ moda_status moda_cuda_hopper_forward(const moda_problem *p, cudaStream_t stream,
     *launched = 0;
     hop_params prm;
     memset(&prm, 0, sizeof prm);
-    moda_fwd_operands_fill(&prm, p);
+    moda_fwd_shape_fill(&prm, p);
     if (p->sequence) {
         /* a view the copy engine refuses (the driver checks more than supports() does) keeps the mma.sync path */
         if (!encode_kv(&prm.tmk, prm.perm, &p->k, p)) return MODA_OK;
         int perm_v[3];
         if (!encode_kv(&prm.tmv, perm_v, &p->v, p) || memcmp(perm_v, prm.perm, sizeof perm_v) != 0) return MODA_OK;
     }
-    prm.T = (int)p->T;
-    prm.Hk = p->Hk;
-    prm.G = (int)p->G;
-    prm.C = p->chunk ? (int)(p->chunk_size < p->T ? p->chunk_size : p->T) : 1;
-    prm.d0 = p->d0;
-    prm.NR = (int)(p->T * p->G);
-    prm.L = moda_problem_has_depth(p) ? (int)moda_problem_slots(p) : 0;
-    prm.causal = p->causal;
-    prm.sequence = p->sequence;
-    prm.chunk = p->chunk;
-    prm.scale_log2 = (float)(p->scale * 1.4426950408889634);
     const int bf = p->dtype == MODA_BF16;
     *launched = 1;
     if (p->d == 64)
