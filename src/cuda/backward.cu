@@ -3,9 +3,10 @@
  * depth-gradient kernels, and generic (any head dim, any dtype) sequence kernels that the tensor-core path in
  * backward_mma.cu replaces for f16/bf16 with d = dv in {64, 128}.
  *
- * Determinism: no kernel uses atomics; every output element is written by one thread after a sum in a fixed
- * order, and the stages communicate only through the caller's workspace in stream order. The results are
- * therefore bitwise identical run to run whatever p->deterministic says.
+ * Determinism (p->deterministic, the default): no kernel uses atomics; every output element is written by one
+ * thread after a sum in a fixed order, and the stages communicate only through the caller's workspace in
+ * stream order, so the results are bitwise identical run to run. The non-deterministic mode replaces the two
+ * tensor-core sequence passes by one fused pass that adds dQ with fp32 atomics (backward_mma.cu).
  */
 #include "backward_common.cuh"
 
@@ -33,7 +34,12 @@ __global__ void bw_preprocess_kernel(bw_params p) {
             acc += bw_load(p.o, oo + i * p.o.s4) * bw_load(p.dout, od + i * p.dout.s4);
         acc = moda_warp_sum(acc);
         if (lane == 0) p.delta[row] = acc;
+        if (p.dqacc_zero)
+            for (int64_t i = lane; i < p.d; i += 32) p.dqacc[row * p.d + i] = 0.f;
     }
+    /* the fused pass's row-block counters start at zero on every call */
+    const int64_t nthreads = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.dqcnt_n; i += nthreads) p.dqcnt[i] = 0u;
 }
 
 /* Loads the lane's share of a row of n elements (element i = lane + 32c) into registers as float. */
@@ -361,13 +367,28 @@ static bw_view bw_view_of(const moda_operand *a) {
     return v;
 }
 
-extern "C" size_t moda_cuda_backward_workspace(const moda_problem *p) {
+/* Workspace layout (byte offsets; 0 size: absent), from the shape alone so that the size query (which has no
+ * gradient operands) and the launch agree: Delta [rows] | dqacc [rows][d] fp32 (depth part of dQ; with the
+ * fused pass the whole dQ) | dK/dV split partials | fused pass's row-block counters. */
+typedef struct bw_ws {
+    size_t delta, dqacc, part, cnt, total;
+    int64_t ncnt;
+} bw_ws;
+
+static bw_ws bw_ws_layout(const moda_problem *p) {
+    bw_ws y;
     const size_t rows = (size_t)(p->B * p->T * p->Hk * p->G);
-    size_t bytes = bw_align(rows * sizeof(float));
-    if (moda_problem_has_depth(p)) bytes += bw_align(rows * (size_t)p->d * sizeof(float));
-    bytes += bw_align(bw_dkdv_split_floats(p) * sizeof(float));
-    return bytes;
+    const int fused = bw_fused_warps(p) > 0;
+    y.ncnt = fused ? p->B * p->Hk * ((p->T * p->G + bw_mma_bm(p->d) - 1) / bw_mma_bm(p->d)) : 0;
+    y.delta = 0;
+    y.dqacc = bw_align(rows * sizeof(float));
+    y.part = y.dqacc + (moda_problem_has_depth(p) || fused ? bw_align(rows * (size_t)p->d * sizeof(float)) : 0);
+    y.cnt = y.part + bw_align(bw_dkdv_split_floats(p) * sizeof(float));
+    y.total = y.cnt + bw_align((size_t)y.ncnt * sizeof(unsigned));
+    return y;
 }
+
+extern "C" size_t moda_cuda_backward_workspace(const moda_problem *p) { return bw_ws_layout(p).total; }
 
 /* Grid for a warp-per-item kernel with a grid-stride loop. */
 static unsigned bw_warp_grid(int64_t items) {
@@ -417,16 +438,23 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     bp.lse = bw_view_of(&p->lse); bp.dout = bw_view_of(&p->grad_o); bp.dq = bw_view_of(&p->grad_q);
     bp.dk = bw_view_of(&p->grad_k); bp.dv_ = bw_view_of(&p->grad_v); bp.dkd = bw_view_of(&p->grad_kd);
     bp.dvd = bw_view_of(&p->grad_vd);
-    bp.delta = (float *)workspace;
-    bp.dqacc = has_depth ? (float *)((char *)workspace + bw_align((size_t)rows * sizeof(float))) : NULL;
+    const bw_ws ws = bw_ws_layout(p);
+    const int mma = p->sequence && bw_mma_supported(p);
+    const int fused_warps = mma ? bw_fused_warps(p) : 0;
+    char *wsb = (char *)workspace;
+    bp.delta = (float *)(wsb + ws.delta);
+    bp.dqacc = has_depth || fused_warps ? (float *)(wsb + ws.dqacc) : NULL;
+    bp.dqacc_zero = fused_warps && !has_depth;
+    bp.deterministic = p->deterministic;
+    bp.dqcnt = fused_warps && p->deterministic ? (unsigned *)(wsb + ws.cnt) : NULL;
+    bp.dqcnt_n = bp.dqcnt ? ws.ncnt : 0;
     bp.dkdv_nsplit = 1;
     bp.dkdv_rows = 0;
+    bp.dkdv_bn = 16 * (fused_warps ? fused_warps : 4);
     bp.dkvpart = NULL;
-    if (p->sequence && bw_mma_supported(p)) {
+    if (mma) {
         bp.dkdv_nsplit = bw_dkdv_split(p, &bp.dkdv_rows);
-        if (bp.dkdv_nsplit > 1)
-            bp.dkvpart = (float *)((char *)workspace + bw_align((size_t)rows * sizeof(float)) +
-                                   (has_depth ? bw_align((size_t)rows * (size_t)p->d * sizeof(float)) : 0));
+        if (bp.dkdv_nsplit > 1) bp.dkvpart = (float *)(wsb + ws.part);
     }
     if (rows == 0) return MODA_OK;
 
@@ -461,9 +489,15 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
         }
     }
 
-    if (p->sequence && bw_mma_supported(p)) {
-        cudaError_t e = bw_launch_mma_dkdv(&bp, st);
-        if (e == cudaSuccess) e = bw_launch_mma_dq(&bp, st);
+    if (mma) {
+        cudaError_t e;
+        if (fused_warps) {
+            e = bw_launch_mma_fused(&bp, st);
+            if (e == cudaSuccess) e = bw_launch_dq_finish(&bp, st);
+        } else {
+            e = bw_launch_mma_dkdv(&bp, st);
+            if (e == cudaSuccess) e = bw_launch_mma_dq(&bp, st);
+        }
         if (e != cudaSuccess)
             return moda_fail(MODA_ERR_DEVICE_FAILURE, "CUDA backward: launching the tensor-core kernels failed: %s",
                              cudaGetErrorString(e));

@@ -4,11 +4,16 @@
  * The backward runs as a short pipeline on the caller's stream (docs/cuda_backward_notes.md):
  *   1. preprocess:   Delta[row] = <dO, O>                         (fp32 workspace)
  *   2. depth:        dQacc[row] = s * sum over depth keys of dz*kd (fp32 workspace), dKd, dVd
- *   3. sequence dK/dV: key-block-major, each CTA owns its keys     (no atomics; small grids: row splits
- *                    with fp32 partials, reduced in split order)
- *   4. sequence dQ:  row-block-major, adds dQacc, writes dq        (no atomics)
- * Every output element is produced by exactly one thread in a fixed summation order, so the result is
- * bitwise reproducible run to run; there is no separate non-deterministic mode.
+ *   3. sequence, deterministic mode (default): two passes, no atomics
+ *      a. dK/dV: key-block-major, each CTA owns its keys (small grids: row splits with fp32 partials,
+ *         reduced in split order)
+ *      b. dQ: row-block-major, adds dQacc, writes dq
+ *      Every output element is produced by exactly one thread in a fixed summation order: bitwise
+ *      reproducible run to run.
+ *   3'. sequence, non-deterministic mode: one fused key-block-major pass writes dK, dV and adds dQ into
+ *      dQacc with fp32 atomics; a last kernel converts dQacc to dq. dK, dV, dKd, dVd stay reproducible; dQ
+ *      may differ in the last bits run to run. (With MODA_CUDA_BWD_FUSED_DET=1 the same pass orders the
+ *      adds of each row block by key block and is reproducible too.)
  */
 #ifndef MODA_CUDA_BACKWARD_COMMON_CUH
 #define MODA_CUDA_BACKWARD_COMMON_CUH
@@ -35,7 +40,12 @@ typedef struct bw_params {
     float *delta; /* [B*T*Hk*G] */
     float *dqacc; /* [B*T*Hk*G, d] depth part of dQ, NULL when no depth slot is visible */
     int dkdv_nsplit, dkdv_rows; /* row splits of the tensor-core dK/dV pass (1: none) and rows per split */
+    int dkdv_bn;                /* keys per CTA of that pass (the split reduction needs it) */
     float *dkvpart;             /* [nsplit][B][Hk][T][2d] fp32 partial dK|dV when dkdv_nsplit > 1 */
+    int deterministic;          /* fused pass: order the dQ adds of a row block by key block */
+    unsigned *dqcnt;            /* fused pass, deterministic: [B][Hk][row blocks] adds done so far */
+    int64_t dqcnt_n;            /* counters the preprocessing kernel zeroes (0: none) */
+    int dqacc_zero;             /* the preprocessing kernel zeroes dqacc (fused pass without depth slots) */
 } bw_params;
 
 #define BW_LOG2E 1.4426950408889634f
@@ -96,8 +106,21 @@ static inline int bw_new_kernel_on(const char *name) {
 int bw_mma_supported(const moda_problem *p);
 cudaError_t bw_launch_mma_dkdv(const bw_params *bp, cudaStream_t stream);
 cudaError_t bw_launch_mma_dq(const bw_params *bp, cudaStream_t stream);
+/* The fused pass (dK, dV and dQ in one key-block-major pass, FlashAttention-2's 5 products): warps per CTA
+ * (16 keys each) for this problem, or 0 when the two-pass kernels run instead. It runs in the
+ * non-deterministic mode (fp32 atomics for dQ); in the deterministic mode only with
+ * MODA_CUDA_BWD_FUSED_DET=1 (ordered adds: bitwise reproducible, measured slower than the two passes);
+ * MODA_CUDA_BWD_TWOPASS=1 switches it off in both. Decided from the shape, the mode and those switches; the
+ * launch also needs bw_mma_supported(). */
+int bw_fused_warps(const moda_problem *p);
+/* Query-row step of the tensor-core passes (the fused pass's row block). */
+static inline int bw_mma_bm(int64_t d) { return d == 64 ? 64 : 32; }
+/* fp32 dQ accumulation (both passes with depth, the fused pass always) and the fused pass's row-block
+ * counters; after it, bw_launch_dq_finish converts dqacc into dq. */
+cudaError_t bw_launch_mma_fused(const bw_params *bp, cudaStream_t stream); /* 8 warps: bw_fused_warps() */
+cudaError_t bw_launch_dq_finish(const bw_params *bp, cudaStream_t stream);
 /* Row splits of the dK/dV pass for this shape (1: none; *rows: rows per split) and the fp32 workspace they
- * need; both decided from the shape alone. */
+ * need; both decided from the shape alone (and the process's switches). */
 int bw_dkdv_split(const moda_problem *p, int *rows);
 size_t bw_dkdv_split_floats(const moda_problem *p);
 /* Token-mode depth stage for f16/bf16, d = dv in {64, 128}, G <= 8, 16-byte aligned rows

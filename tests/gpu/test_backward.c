@@ -6,7 +6,11 @@
  *   - dq, dk, dv, dkd, dvd against the float64 reference with the tolerance of the same-precision reference;
  *   - bytes outside each view, and depth slots outside [d0, d1), byte-identical afterwards;
  *   - a second run gives bit-identical gradients (deterministic mode).
- * Plus sampled float64 checks on a benchmark-sized shape, and with --bench a timing of the target shapes.
+ * The non-deterministic mode (fp32 atomics for dQ in the fused pass) gets the same comparison against the
+ * reference, without the bitwise check. The tensor-core cases also run the kernels the default path
+ * replaces, through the process switches of backward_common.cuh.
+ * Plus sampled float64 checks on benchmark-sized shapes, and with --bench a timing of the target shapes
+ * (MODA_TEST_NONDET=1: in the non-deterministic mode).
  *
  * Usage: gpu_test_backward [--bench]     (MODA_TEST_SEED, MODA_TEST_QUICK, MODA_TEST_VERBOSE as elsewhere)
  */
@@ -94,8 +98,9 @@ static int invisible_slots_identical(const tu_tensor *a, const tu_tensor *b, con
     return 1;
 }
 
-/* One case in one dtype: the full comparison against the reference, then the determinism check. */
-static void check_case(const tu_case *c, moda_dtype dt, moda_dtype gdt, int accumulate, tu_rng *r) {
+/* One case in one dtype: the full comparison against the reference, then (deterministic mode, overwrite) the
+ * bitwise repeatability check. */
+static void check_case(const tu_case *c, moda_dtype dt, moda_dtype gdt, int accumulate, int det, tu_rng *r) {
     tu_problem p, got, r64, rlo, fwd;
     if (tu_problem_alloc(&p, c, dt, gdt) || tu_problem_alloc(&got, c, dt, gdt)) {
         TU_CHECK(0, "allocation failed [%s]", tu_case_str(c));
@@ -116,7 +121,7 @@ static void check_case(const tu_case *c, moda_dtype dt, moda_dtype gdt, int accu
     dev_upload(&d, &p);
     moda_options o = tu_case_options(c);
     o.depth_grad_mode = accumulate ? MODA_DEPTH_GRAD_ACCUMULATE : MODA_DEPTH_GRAD_OVERWRITE;
-    o.deterministic = 1;
+    o.deterministic = det;
     moda_status st = dev_backward(&d, &o);
     TU_CHECK(st == MODA_OK, "backward returned %s (%s) [%s]", moda_status_string(st), moda_last_error(), tu_case_str(c));
     for (int i = DQ; i < NT; i++) {
@@ -130,14 +135,14 @@ static void check_case(const tu_case *c, moda_dtype dt, moda_dtype gdt, int accu
     char what[64];
     for (int i = DQ; i < NT; i++) {
         if (!slot(&got, i)->alloc) continue;
-        snprintf(what, sizeof what, "%s %s%s%s", names[i], moda_dtype_name(dt), i >= DKD && gdt != dt ? "/f32" : "",
-                 i >= DKD && accumulate ? " acc" : "");
+        snprintf(what, sizeof what, "%s %s%s%s%s", names[i], moda_dtype_name(dt), i >= DKD && gdt != dt ? "/f32" : "",
+                 i >= DKD && accumulate ? " acc" : "", det ? "" : " nondet");
         tu_expect_close(what, c, slot(&got, i), slot(&r64, i), slot(&rlo, i), 1e-5);
     }
     TU_CHECK(invisible_slots_identical(&got.dkd, &p.dkd, c) && invisible_slots_identical(&got.dvd, &p.dvd, c),
              "depth slots outside [%lld, %lld) were modified [%s]", (long long)c->d0, (long long)c->d1, tu_case_str(c));
 
-    if (!accumulate) { /* determinism: poison the outputs, run again, compare bit for bit */
+    if (!accumulate && det) { /* determinism: poison the outputs, run again, compare bit for bit */
         for (int i = DQ; i < NT; i++)
             if (d.a[i]) CUDA_OK(cudaMemset(d.a[i], 0xFF, slot(&got, i)->bytes));
         st = dev_backward(&d, &o);
@@ -205,7 +210,7 @@ static void acc_vec(l2acc *a, const double *ref, const moda_tensor *got, int64_t
     }
 }
 
-static void sampled_check(const tu_case *c, moda_dtype dt, tu_rng *r) {
+static void sampled_check(const tu_case *c, moda_dtype dt, int det, tu_rng *r) {
     tu_problem p, got;
     if (tu_problem_alloc(&p, c, dt, dt) || tu_problem_alloc(&got, c, dt, dt)) {
         TU_CHECK(0, "allocation failed [%s]", tu_case_str(c));
@@ -221,6 +226,7 @@ static void sampled_check(const tu_case *c, moda_dtype dt, tu_rng *r) {
                     MODA_OK);
     dev_problem d;
     dev_upload(&d, &p);
+    o.deterministic = det;
     moda_status st = dev_backward(&d, &o);
     TU_CHECK(st == MODA_OK, "backward returned %s (%s) [%s]", moda_status_string(st), moda_last_error(), tu_case_str(c));
     for (int i = DQ; i < NT; i++) from_device(slot(&got, i), d.a[i]);
@@ -280,7 +286,8 @@ static void sampled_check(const tu_case *c, moda_dtype dt, tu_rng *r) {
     for (int i = 0; i < 5; i++) {
         if (all[i]->den == 0) continue;
         double rel = sqrt(all[i]->num / all[i]->den);
-        printf("sampled %s %s [%s]: rel_l2 %.3g\n", nm[i], moda_dtype_name(dt), tu_case_str(c), rel);
+        printf("sampled %s %s%s [%s]: rel_l2 %.3g\n", nm[i], moda_dtype_name(dt), det ? "" : " nondet",
+               tu_case_str(c), rel);
         TU_CHECK(rel <= guide, "sampled %s rel_l2 %.3g > %.3g [%s]", nm[i], rel, guide, tu_case_str(c));
     }
     dev_free(&d);
@@ -336,6 +343,8 @@ static void bench(tu_rng *r) {
         dev_problem d;
         dev_upload(&d, &p);
         moda_options o = tu_case_options(c);
+        const char *nd = getenv("MODA_TEST_NONDET");
+        if (nd && nd[0] == '1') o.deterministic = 0;
         cudaEvent_t e0, e1;
         CUDA_OK(cudaEventCreate(&e0));
         CUDA_OK(cudaEventCreate(&e1));
@@ -413,27 +422,41 @@ int main(int argc, char **argv) {
         {1, 95, 1, 5, 128, 128, 4, 0, 4, 1, 1, 0, 1, TU_LAYOUT_STANDARD, 0},
         {2, 67, 1, 2, 128, 128, 3, 0, 3, 0, 1, 0, 1, TU_LAYOUT_STRIDED, 0},
         {1, 64, 1, 32, 64, 64, 2, 0, 2, 1, 1, 0, 1, TU_LAYOUT_STANDARD, 0},
+        /* several key blocks of the fused pass (128 keys), so that the ordered dQ adds wait on each other */
+        {1, 300, 1, 4, 64, 64, 5, 0, 5, 1, 1, 0, 1, TU_LAYOUT_STANDARD, 0},
+        {1, 281, 1, 2, 128, 128, 3, 0, 3, 1, 1, 0, 1, TU_LAYOUT_FOLDED, 0},
+        {1, 270, 1, 2, 64, 64, 0, 0, 0, 0, 1, 0, 1, TU_LAYOUT_STRIDED, 0},
     };
     const int ncases = (int)(sizeof grid / sizeof grid[0]);
     const int quick = tu_quick();
     for (int i = 0; i < ncases; i++) {
         const tu_case *c = &grid[i];
         if (quick && i % 3 != 0) continue;
-        check_case(c, MODA_BF16, MODA_BF16, 0, &r);
-        check_case(c, MODA_F16, MODA_F16, 0, &r);
+        check_case(c, MODA_BF16, MODA_BF16, 0, 1, &r);
+        check_case(c, MODA_F16, MODA_F16, 0, 1, &r);
         if (c->Lcap > 0) {
-            check_case(c, MODA_BF16, MODA_F32, 1, &r);
-            check_case(c, MODA_F16, MODA_F16, 1, &r);
-            if (!quick) check_case(c, MODA_BF16, MODA_F32, 0, &r);
+            check_case(c, MODA_BF16, MODA_F32, 1, 1, &r);
+            check_case(c, MODA_F16, MODA_F16, 1, 1, &r);
+            if (!quick) check_case(c, MODA_BF16, MODA_F32, 0, 1, &r);
         }
-        if (!quick && i < 3) check_case(c, MODA_F32, MODA_F32, 0, &r);
+        if (!quick && i < 3) check_case(c, MODA_F32, MODA_F32, 0, 1, &r);
         if (i >= 11) {
+            /* the non-deterministic mode: the fused pass (split as the shape decides, and unsplit as the
+             * big shapes run it), against the reference */
+            check_case(c, MODA_BF16, MODA_BF16, 0, 0, &r);
+            setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1);
+            check_case(c, MODA_F16, c->Lcap > 0 ? MODA_F32 : MODA_F16, c->Lcap > 0, 0, &r);
+            /* the fused pass with ordered dQ adds (deterministic, opt-in), with its bitwise check */
+            setenv("MODA_CUDA_BWD_FUSED_DET", "1", 1);
+            check_case(c, MODA_BF16, MODA_BF16, 0, 1, &r);
+            unsetenv("MODA_CUDA_BWD_NOSPLIT");
+            unsetenv("MODA_CUDA_BWD_FUSED_DET");
             /* the kernels the default path replaces for these shapes, kept selectable: the unsplit dK/dV
              * pass (big shapes take it) and the CTA-per-token depth kernel */
             setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1);
             setenv("MODA_CUDA_BWD_NOTDW", "1", 1);
-            check_case(c, MODA_BF16, MODA_BF16, 0, &r);
-            if (c->Lcap > 0) check_case(c, MODA_F16, MODA_F32, 1, &r);
+            check_case(c, MODA_BF16, MODA_BF16, 0, 1, &r);
+            if (c->Lcap > 0 && !quick) check_case(c, MODA_F16, MODA_F32, 1, 1, &r);
             unsetenv("MODA_CUDA_BWD_NOSPLIT");
             unsetenv("MODA_CUDA_BWD_NOTDW");
         }
@@ -442,8 +465,10 @@ int main(int argc, char **argv) {
         /* sampled checks on benchmark-sized problems (S3, and S5's head dim at a shorter T) */
         const tu_case s3 = {1, 1024, 8, 8, 64, 64, 64, 0, 64, 1, 1, 0, 64, TU_LAYOUT_STANDARD, 0};
         const tu_case s5 = {1, 2048, 8, 4, 128, 128, 64, 0, 64, 1, 1, 0, 64, TU_LAYOUT_STANDARD, 0};
-        sampled_check(&s3, MODA_BF16, &r);
-        sampled_check(&s5, MODA_BF16, &r);
+        sampled_check(&s3, MODA_BF16, 1, &r);
+        setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1); /* non-deterministic: the fused pass unsplit, as S1, S5 run it */
+        sampled_check(&s5, MODA_BF16, 0, &r);
+        unsetenv("MODA_CUDA_BWD_NOSPLIT");
     }
     return tu_finish("gpu_test_backward");
 }
