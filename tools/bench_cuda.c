@@ -113,7 +113,7 @@ typedef struct {
 } result;
 
 /* Times one shape; returns 0 or -1 on a CUDA/moda failure. */
-static int bench_shape(const shape *s, moda_dtype dt, int reps, int do_backward, result *res) {
+static int bench_shape(const shape *s, moda_dtype dt, int reps, int do_backward, int deterministic, result *res) {
     const int64_t B = s->B, T = s->T, Hk = s->Hk, G = s->Hq / s->Hk, d = s->d, L = s->L;
     const size_t es = 2;
     const size_t nq = (size_t)(B * T * s->Hq * d), nk = (size_t)(B * T * Hk * d), nkd = (size_t)(B * T * L * Hk * d);
@@ -151,6 +151,7 @@ static int bench_shape(const shape *s, moda_dtype dt, int reps, int do_backward,
     }
     const int64_t ksh[4] = {B, T, Hk, d}, kdsh[5] = {B, T, L, Hk, d}, lsh[4] = {B, T, Hk, G};
     moda_options opt = moda_default_options();
+    opt.deterministic = deterministic;
     cudaStream_t stream;
     CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 #define VIEWS(S)                                                                                        \
@@ -255,7 +256,7 @@ out:
 
 static void usage(FILE *f) {
     fprintf(f, "usage: moda bench --device cuda [--shapes S1,S2,...] [--dtype bf16|f16] [--reps N (>= 20)]\n"
-               "                  [--no-backward] [--json FILE] [--commit TEXT]\n"
+               "                  [--no-backward] [--nondeterministic] [--json FILE] [--commit TEXT]\n"
                "Times the CUDA forward (and forward+backward) on the issue's shapes:\n");
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         fprintf(f, "  %s: B=%lld T=%lld Hq=%lld Hk=%lld d=%lld L=%lld\n", shapes[i].name, (long long)shapes[i].B,
@@ -266,7 +267,7 @@ static void usage(FILE *f) {
 int moda_cmd_bench_cuda(int argc, char **argv) {
     const char *only = DEFAULT_SHAPES, *json = NULL, *commit = getenv("MODA_GIT_COMMIT");
     moda_dtype dt = MODA_BF16;
-    int reps = 30, do_backward = 1;
+    int reps = 30, do_backward = 1, deterministic = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);
@@ -292,6 +293,8 @@ int moda_cmd_bench_cuda(int argc, char **argv) {
             }
         } else if (!strcmp(argv[i], "--no-backward")) {
             do_backward = 0;
+        } else if (!strcmp(argv[i], "--nondeterministic")) {
+            deterministic = 0;
         } else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             i++; /* a CPU option of `moda bench --device all` */
         } else {
@@ -309,13 +312,14 @@ int moda_cmd_bench_cuda(int argc, char **argv) {
     char date[32];
     time_t now = time(NULL);
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    printf("moda bench --device cuda: %s, %d SMs, %.0f MB L2; %s; median of %d after warm-up; %s\n", prop.name,
-           prop.multiProcessorCount, prop.l2CacheSize / 1e6, moda_dtype_name(dt), reps, date);
+    printf("moda bench --device cuda: %s, %d SMs, %.0f MB L2; %s; %s backward; median of %d after warm-up; %s\n",
+           prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6, moda_dtype_name(dt),
+           deterministic ? "deterministic" : "non-deterministic", reps, date);
     result res[sizeof shapes / sizeof shapes[0]];
     int nres = 0, rc = 0;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         if (!listed(only, shapes[i].name)) continue;
-        if (bench_shape(&shapes[i], dt, reps, do_backward, &res[nres]) != 0) {
+        if (bench_shape(&shapes[i], dt, reps, do_backward, deterministic, &res[nres]) != 0) {
             rc = 1;
             continue;
         }

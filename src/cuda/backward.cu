@@ -9,6 +9,7 @@
  * tensor-core sequence passes by one fused pass that adds dQ with fp32 atomics (backward_mma.cu).
  */
 #include "backward_common.cuh"
+#include "backward_hopper.cuh"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -492,7 +493,8 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     if (mma) {
         cudaError_t e;
         if (fused_warps) {
-            e = bw_launch_mma_fused(&bp, st);
+            /* MODA_CUDA_BWD_HOPPER=1: the sm_90a draft (backward_hopper.cu) in place of the mma.sync pass */
+            e = bw_hopper_use(p, &bp) ? bw_launch_hopper(&bp, st) : bw_launch_mma_fused(&bp, st);
             if (e == cudaSuccess) e = bw_launch_dq_finish(&bp, st);
         } else {
             e = bw_launch_mma_dkdv(&bp, st);
