@@ -38,6 +38,24 @@
 #ifndef MODA_HOPPER_DEPTH_FIRST
 #define MODA_HOPPER_DEPTH_FIRST 0
 #endif
+/* Timing variants prepared for the next A/B, never run yet (docs/cuda_hopper_notes.md, "Variants prepared for the
+ * next A/B"); each defaults to 0, and with all of them 0 the device code is the shipped one.
+ * MODA_HOPPER_OVERLAP: the sequence loop issues S_j = Q*K_j^T together with O += P_{j-1}*V_{j-1} and runs tile j's
+ * softmax while P*V runs (intra-warpgroup overlap), with the depth-first order; d = 64 only (it holds two ring
+ * stages at a time, so it needs the 4-stage ring: d = 128, 2 stages, keeps the shipped loop).
+ * MODA_HOPPER_DEPTH_NODIV: the depth sub-tile's loads and mask without per-element integer divisions. */
+#ifndef MODA_HOPPER_OVERLAP
+#define MODA_HOPPER_OVERLAP 0
+#endif
+#ifndef MODA_HOPPER_DEPTH_NODIV
+#define MODA_HOPPER_DEPTH_NODIV 0
+#endif
+/* MODA_HOPPER_DEPTH32: 32-key depth sub-tiles for d = 64 (half the online-softmax updates per depth key); shared
+ * memory allows either =1: one depth buffer per warp, the 4-stage ring kept, or =2: two depth buffers, the ring
+ * cut to 2 stages (both 208 KB). d = 128 keeps 16-key sub-tiles (its shared memory is full). */
+#ifndef MODA_HOPPER_DEPTH32
+#define MODA_HOPPER_DEPTH32 0
+#endif
 
 namespace {
 
@@ -50,13 +68,23 @@ template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
     static_assert(NH * 64 == D, "d is a multiple of 64");
+#if MODA_HOPPER_DEPTH32
+    static constexpr int DK = D == 64 ? 32 : HOP_DK;
+    static constexpr int STAGES = D == 64 && MODA_HOPPER_DEPTH32 != 2 ? 4 : 2;
+    static constexpr int DB = D == 64 && MODA_HOPPER_DEPTH32 == 2 ? 2 : 1;
+#else
+    static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
+#endif
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
-    static constexpr int DEPTH_BYTES = HOP_DK * D * 2;      /* one of K or V for one depth buffer */
+    static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
     static constexpr size_t SMEM = 1024 + (size_t)Q_BYTES + (size_t)STAGES * 2 * TILE_BYTES +
                                    (size_t)8 * DB * 2 * DEPTH_BYTES;
+#if MODA_HOPPER_DEPTH32
+    static_assert(SMEM <= 232448, "227 KB of dynamic shared memory per block on sm_90");
+#endif
 };
 
 struct hop_params : moda_fwd_shape {
@@ -225,12 +253,47 @@ __device__ __forceinline__ void hop_softmax(float (&s)[NB][4], float (&o)[NO][8]
     }
 }
 
+#if MODA_HOPPER_OVERLAP
+/* hop_softmax without the accumulator rescale (same arithmetic, same order): returns each row's factor alpha for
+ * the caller to apply once the P*V still reading/writing o has completed. */
+template <int NB>
+__device__ __forceinline__ void hop_softmax_noscale(float (&s)[NB][4], float (&m)[2], float (&l)[2], float sl,
+                                                    float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < NB; n++) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+        mx = moda_quad_max(mx);
+        const float mnew = fmaxf(m[i], mx);
+        const float msc = mnew == -INFINITY ? 0.f : mnew * sl;
+        alpha[i] = hx2(fmaf(m[i], sl, -msc));
+        m[i] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < NB; n++) {
+            s[n][2 * i] = hx2(fmaf(s[n][2 * i], sl, -msc));
+            s[n][2 * i + 1] = hx2(fmaf(s[n][2 * i + 1], sl, -msc));
+            sum += s[n][2 * i] + s[n][2 * i + 1];
+        }
+        l[i] = l[i] * alpha[i] + sum;
+    }
+}
+/* Keeps P's packed A fragments live (and unmoved) until after the wait that retires the P*V reading them. */
+template <int N> __device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[i][e])::"memory");
+}
+#endif
+
 template <typename T, int D>
 __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char *base, uint32_t bar_full,
                                              uint32_t bar_empty, int cwg, int ntiles, int64_t b, int64_t h, int R0,
                                              int jend) {
     typedef hop_traits<D> TR;
-    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = HOP_DK, CH = D / 8;
+    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = TR::DK, CH = D / 8;
     const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
     const int cw = cwg * 4 + ww; /* consumer warp 0..7 */
     T *sQ = reinterpret_cast<T *>(base);
@@ -296,9 +359,38 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     }
     const T *kdb = reinterpret_cast<const T *>(p.kd) + b * p.kds[0] + h * p.kds[3];
     const T *vdb = reinterpret_cast<const T *>(p.vd) + b * p.vds[0] + h * p.vds[3];
+#if MODA_HOPPER_DEPTH_NODIV
+    /* Key k of the warp's list is (token u0 + k / L, slot d0 + k % L). Instead of dividing per element, every
+     * offset used below is split once into (quotient, remainder) by L, and positions advance with a carry:
+     * (q, r) + (dq, dr) with r, dr < L needs at most one wrap. Loads and sub-tiles are visited in order (0, 1, 2,
+     * ...: the first DB loads, then one load per depth_step), so each stream carries its (q, r) of k = it * DK. */
+    int dkq = 0, dkr = 0, lq0 = 0, lr0 = 0, lsq = 0, lsr = 0, cq0 = 0, cr0 = 0, c8q = 0, c8r = 0;
+    if (nd > 0) {
+        dkq = DK / L, dkr = DK - dkq * L;                       /* sub-tile stride */
+        lq0 = (lane / CH) / L, lr0 = lane / CH - lq0 * L;       /* this lane's first loaded row */
+        lsq = (32 / CH) / L, lsr = 32 / CH - lsq * L;           /* row step between a lane's loads */
+        cq0 = (2 * (lane & 3)) / L, cr0 = 2 * (lane & 3) - cq0 * L; /* this lane's first accumulator column */
+        c8q = 8 / L, c8r = 8 - c8q * L;                         /* column step to the next 8-column block */
+    }
+    int ldq = 0, ldr = 0, stq = 0, str = 0; /* (q, r) of the next sub-tile to load / to compute */
+    auto adv = [&](int &q, int &r, int dq, int dr) {
+        q += dq;
+        r += dr;
+        if (r >= L) {
+            r -= L;
+            q++;
+        }
+    };
+#endif
     auto load_depth = [&](int it, int buf) {
         T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
+#if MODA_HOPPER_DEPTH_NODIV
+        const int q0 = ldq, r0 = ldr;
+        adv(ldq, ldr, dkq, dkr);
+        int eq = lq0, er = lr0; /* (q, r) of this lane's row rl */
+#else
         const int q0 = (it * DK) / L, r0 = it * DK - q0 * L;
+#endif
 #pragma unroll
         for (int ci = 0; ci < DK * CH / 32; ci++) {
             const int c = lane + ci * 32;
@@ -307,12 +399,20 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             const bool ok = kx < nkeys;
             const T *ks = kdb, *vs = vdb;
             if (ok) {
+#if MODA_HOPPER_DEPTH_NODIV
+                const int x = r0 + er, w = x >= L ? 1 : 0; /* r0 + rl = (eq + w) * L + (x - w * L) */
+                const int64_t tok = u0 + q0 + eq + w, slot = p.d0 + (x - w * L);
+#else
                 const int x = r0 + rl;
                 const int dx = L >= DK ? (x >= L ? 1 : 0) : x / L;
                 const int64_t tok = u0 + q0 + dx, slot = p.d0 + (x - dx * L);
+#endif
                 ks = kdb + tok * p.kds[1] + slot * p.kds[2] + cc * 8;
                 vs = vdb + tok * p.vds[1] + slot * p.vds[2] + cc * 8;
             }
+#if MODA_HOPPER_DEPTH_NODIV
+            adv(eq, er, lsq, lsr);
+#endif
             moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
             moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
         }
@@ -323,8 +423,17 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         __syncwarp();
         const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
+#if MODA_HOPPER_DEPTH_NODIV
+        const int q0 = stq, r0 = str;
+        adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
+        const int tok_lo = u0 + q0;
+        /* the last key's token: the list ends with token wt1 (nkeys = (wt1 - u0 + 1) * L); otherwise key
+         * kx0 + DK - 1 is in the token of key kx0 + DK unless that one starts a token */
+        const int tok_hi = kx0 + DK >= nkeys ? wt1 : u0 + (str == 0 ? stq - 1 : stq);
+#else
         const int tok_lo = u0 + kx0 / L;
         const int tok_hi = u0 + (min(kx0 + DK, nkeys) - 1) / L;
+#endif
         /* a sub-tile whose tokens none of the warp's rows see is skipped (only possible in chunk mode) */
         if (tok_hi >= hrow_lo(wt0, p.chunk, p.C) && tok_lo <= wt1) {
             float s[DK / 8][4];
@@ -351,13 +460,28 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                     moda_mma<T>::run(s[2 * n2 + 1], qf, kf[2], kf[3]);
                 }
             }
+#if MODA_HOPPER_DEPTH_NODIV
+            int nq = q0 + cq0, nr = r0 + cr0; /* (q, r) of key kx0 + 2 * (lane % 4), relative to u0 */
+            if (nr >= L) {
+                nr -= L;
+                nq++;
+            }
+#else
             const int q0 = kx0 / L, r0 = kx0 - q0 * L;
+#endif
 #pragma unroll
             for (int n = 0; n < DK / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int col = n * 8 + 2 * (lane & 3) + e;
+#if MODA_HOPPER_DEPTH_NODIV
+                    int cq = nq, cr = nr;
+                    if (e) adv(cq, cr, L == 1 ? 1 : 0, L == 1 ? 0 : 1);
+                    if (e == 1 && n + 1 < DK / 8) adv(nq, nr, c8q, c8r);
+                    const int ctok = u0 + cq;
+#else
                     const int ctok = u0 + q0 + (r0 + col) / L;
+#endif
                     const bool cok = kx0 + col < nkeys;
 #pragma unroll
                     for (int i = 0; i < 2; i++)
@@ -393,10 +517,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         moda_cp_async_commit();
     }
     int dnext = 0;
-#if MODA_HOPPER_DEPTH_FIRST
+#if MODA_HOPPER_DEPTH_FIRST || MODA_HOPPER_OVERLAP
     /* Variant (v1's order): the whole depth part before the sequence loop, so the loop's code carries no depth
-     * sub-tile (docs/cuda_hopper_notes.md: "Validation run"). */
-    while (dnext < nd) depth_step(dnext++);
+     * sub-tile (docs/cuda_hopper_notes.md: "Validation run"). The overlapped loop (OVL) always takes it. */
+    constexpr bool OVL = MODA_HOPPER_OVERLAP && STAGES >= 3;
+    if constexpr (MODA_HOPPER_DEPTH_FIRST || OVL)
+        while (dnext < nd) depth_step(dnext++);
 #endif
 
     /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
@@ -406,6 +532,130 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     const uint32_t qaddr = moda_smem_addr(sQ) + 64 * cwg * 128;
     /* sequence tiles this warpgroup computes (causal: up to its last token); the depth sub-tiles ride on them */
     const int nact = !gvalid ? 0 : p.causal ? min(ntiles, tg1 / HOP_BN + 1) : ntiles;
+#if MODA_HOPPER_OVERLAP
+    if constexpr (OVL) {
+        /* Intra-warpgroup overlap (FA3's scheme with one S accumulator set): per active tile j > first,
+         *   wait full[j]; fence; S = Q*K_j^T (group A); O += P_{j-1}*V_{j-1} (group B, P packed in pf);
+         *   wait_group 1 (A done: B may still run); mask + softmax of S without touching o;
+         *   wait_group 0 (B done); release stage j-1; rescale o by alpha; pack S -> pf.
+         * so the max/exp2 work of tile j runs while the tensor cores do P*V of tile j-1. A stage is released only
+         * after the P*V that read its V has completed. The active tiles are a prefix [0, nact) of the CTA's tiles
+         * (causal: up to the group's last token), the rest are waited for and released as before. The depth part ran
+         * before, so no depth code sits in this loop. Each tile holds its stage until the NEXT tile's iteration
+         * (V_{j-1} is read while K_j is), so the producer runs only STAGES - 2 tiles ahead: hence STAGES >= 3. */
+        float s[HOP_BN / 8][4];
+        uint32_t pf[HOP_BN / 16][4];
+        auto issue_qk = [&](int stg) {
+            const uint32_t kaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const uint32_t off = (kk & 3) * 32; /* k16 step inside the 128-byte row */
+                const uint64_t da = sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
+                const uint64_t db = sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
+                hop_mma<T>::qk(s, da, db, kk > 0);
+            }
+            wg_commit();
+        };
+        auto issue_pv = [&](int stg) {
+            const uint32_t vaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES) + TR::TILE_BYTES;
+#pragma unroll
+            for (int kk = 0; kk < HOP_BN / 16; kk++)
+#pragma unroll
+                for (int hh = 0; hh < NH; hh++)
+                    hop_mma<T>::pv(o[hh], pf[kk], sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
+            wg_commit();
+        };
+        auto mask_s = [&](int j0) {
+            const bool need_mask = p.causal ? (j0 + HOP_BN - 1 > tw0) : (j0 + HOP_BN > jend);
+            if (need_mask) {
+#pragma unroll
+                for (int n = 0; n < HOP_BN / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int j = j0 + n * 8 + 2 * (lane & 3) + e;
+#pragma unroll
+                        for (int i = 0; i < 2; i++)
+                            if (!(j < jend && (!p.causal || j <= trow[i]))) s[n][2 * i + e] = -INFINITY;
+                    }
+            }
+        };
+        auto pack_p = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < HOP_BN / 16; kk++) {
+                pf[kk][0] = moda_dt<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+                pf[kk][1] = moda_dt<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+                pf[kk][2] = moda_dt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pf[kk][3] = moda_dt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+        };
+        if (nact > 0) {
+            /* first tile: nothing to overlap with; o may hold the depth part, rescaled as usual */
+            mbar_wait(bar_full, 0);
+#pragma unroll
+            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+            wg_fence();
+            issue_qk(0);
+            wg_wait0();
+            reg_fence(s);
+            mask_s(0);
+            hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
+            pack_p();
+            for (int it = 1; it < nact; it++) {
+                const int stg = it % STAGES, pstg = (it - 1) % STAGES;
+                mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
+#pragma unroll
+                for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+                reg_fence_u(pf);
+                wg_fence(); /* orders the register writes to s, o and pf above before both groups */
+                issue_qk(stg);
+                issue_pv(pstg);
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); /* S done, P*V may run on */
+                reg_fence(s);
+                mask_s(it * HOP_BN);
+                float alpha[2];
+                hop_softmax_noscale<HOP_BN / 8>(s, m, l, sl, alpha);
+                /* Scheduling anchor (checked in the SASS with nvcc 13.0): ptxas hoists WARPGROUP.DEPBAR (the wait
+                 * below) above plain arithmetic, which would put the whole softmax after the P*V wait and undo the
+                 * overlap, but it keeps the wait after a shared-memory store. So store a value that depends on every
+                 * probability (the row sums) to this warp's depth buffer, idle during the sequence loop (the depth
+                 * part ran before it and its cp.async groups have all been waited for). */
+                const float lsum2 = l[0] + l[1];
+                asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(moda_smem_addr(sD) + 4 * lane), "f"(lsum2) : "memory");
+                wg_wait0();
+#pragma unroll
+                for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+                reg_fence_u(pf);
+                mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+#pragma unroll
+                    for (int hh = 0; hh < NH; hh++)
+#pragma unroll
+                        for (int n = 0; n < 8; n++) {
+                            o[hh][n][2 * i] *= alpha[i];
+                            o[hh][n][2 * i + 1] *= alpha[i];
+                        }
+                pack_p();
+            }
+            const int lstg = (nact - 1) % STAGES;
+#pragma unroll
+            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+            reg_fence_u(pf);
+            wg_fence();
+            issue_pv(lstg);
+            wg_wait0();
+#pragma unroll
+            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+            reg_fence_u(pf);
+            mbar_arrive(bar_empty + 8 * lstg);
+        }
+        for (int it = nact; it < ntiles; it++) {
+            const int stg = it % STAGES;
+            mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
+            mbar_arrive(bar_empty + 8 * stg);
+        }
+    } else {
+#endif
     for (int it = 0; it < ntiles; it++) {
         const int stg = it % STAGES;
         const uint32_t par = (uint32_t)((it / STAGES) & 1);
@@ -469,6 +719,9 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         }
 #endif
     }
+#if MODA_HOPPER_OVERLAP
+    }
+#endif
     while (dnext < nd) depth_step(dnext++);
     moda_cp_async_wait<0>();
 
