@@ -29,6 +29,7 @@
  * the host detects (binary version and the kernel's static shared memory) before it ever chooses this path.
  */
 #include "backward_hopper.cuh"
+#include "hopper_common.cuh"
 
 #include <math.h>
 #include <stdlib.h>
@@ -61,46 +62,8 @@ template <int D_> struct hb_traits {
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-
-/* ---- mbarrier (forward_hopper.cu's tested forms) ---- */
-__device__ __forceinline__ void hb_mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void hb_mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void hb_mbar_wait(uint32_t bar, uint32_t parity) {
-    asm volatile("{\n"
-                 ".reg .pred P1;\n"
-                 "LAB_WAIT:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-                 "@!P1 bra LAB_WAIT;\n"
-                 "}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
-}
-/* generic-proxy writes (cp.async, st.shared) made visible to the async proxy (wgmma operand reads) */
-__device__ __forceinline__ void hb_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+/* the mbarrier, proxy-fence and wgmma primitives are in hopper_common.cuh */
 __device__ __forceinline__ void hb_bar_consumers(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-
-/* ---- wgmma ---- */
-__device__ __forceinline__ void hb_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void hb_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void hb_wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-template <int N> __device__ __forceinline__ void hb_reg_fence(float (&r)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(r[i][e])::"memory");
-}
-/* The forward's descriptor: 128B swizzle, SBO = 1024 bytes between 8-row groups, LBO unused (K-major
- * swizzled; MN-major with N = 64). */
-__device__ __forceinline__ uint64_t hb_desc(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
 
 /* SS m64n64k16: both operands K-major from shared memory (S^T = K Q^T, dP^T = V dO^T); scale_d = 0 on the
  * first k-step. RS m64n64k16: A from registers, B MN-major (transpose bit), always accumulating. */
@@ -119,21 +82,6 @@ __device__ __forceinline__ uint64_t hb_desc(uint32_t addr) {
                        "+f"(d[7][2]), "+f"(d[7][3]) \
                      : "l"(da), "l"(db), "r"(scale_d)); \
     }
-#define HB_WGMMA_RS_N64(NAME, TY) \
-    static __device__ __forceinline__ void NAME(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) { \
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" \
-                     "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
-                     "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
-                     "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n" \
-                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
-                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
-                       "+f"(d[7][2]), "+f"(d[7][3]) \
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
-    }
 /* m64n32k16 SS: S^T and dP^T for d = 128 (32 rows per step); B = 32 K-major rows, the same descriptor */
 #define HB_WGMMA_SS_N32(NAME, TY) \
     static __device__ __forceinline__ void NAME(float (&d)[4][4], uint64_t da, uint64_t db, int scale_d) { \
@@ -150,8 +98,8 @@ HB_WGMMA_SS_N64(hb_wgmma_ss64_bf16, "bf16")
 HB_WGMMA_SS_N64(hb_wgmma_ss64_f16, "f16")
 HB_WGMMA_SS_N32(hb_wgmma_ss32_bf16, "bf16")
 HB_WGMMA_SS_N32(hb_wgmma_ss32_f16, "f16")
-HB_WGMMA_RS_N64(hb_wgmma_rs_bf16, "bf16")
-HB_WGMMA_RS_N64(hb_wgmma_rs_f16, "f16")
+MODA_HOP_WGMMA_RS_N64(hb_wgmma_rs_bf16, "bf16")
+MODA_HOP_WGMMA_RS_N64(hb_wgmma_rs_f16, "f16")
 
 template <typename E> struct hb_mma;
 template <> struct hb_mma<__nv_bfloat16> {
@@ -199,7 +147,7 @@ __device__ __forceinline__ void hb_producer(const bw_params &p, unsigned char *b
     const E *qb = reinterpret_cast<const E *>(p.q.data), *ob = reinterpret_cast<const E *>(p.dout.data);
     for (int it = 0; it < nsteps; it++) {
         const int stg = it % HB_STAGES;
-        hb_mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / HB_STAGES) & 1) ^ 1));
+        moda_mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / HB_STAGES) & 1) ^ 1));
         const int r0 = rbeg + it * BM;
         const uint32_t sq = moda_smem_addr(base + TR::OFF_RING + stg * TR::STAGE_BYTES), sd = sq + TR::ROW_BYTES;
 #pragma unroll
@@ -237,14 +185,14 @@ __device__ __forceinline__ void hb_producer(const bw_params &p, unsigned char *b
         if (it > 0) {
             /* this thread's copies of the previous step have landed: publish them */
             moda_cp_async_wait<1>();
-            hb_fence_async();
-            hb_mbar_arrive(bar_full + 8 * ((it - 1) % HB_STAGES));
+            moda_fence_async();
+            moda_mbar_arrive(bar_full + 8 * ((it - 1) % HB_STAGES));
         }
     }
     if (nsteps > 0) {
         moda_cp_async_wait<0>();
-        hb_fence_async();
-        hb_mbar_arrive(bar_full + 8 * ((nsteps - 1) % HB_STAGES));
+        moda_fence_async();
+        moda_mbar_arrive(bar_full + 8 * ((nsteps - 1) % HB_STAGES));
     }
 }
 
@@ -276,7 +224,7 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
         }
         moda_cp_async_commit();
         moda_cp_async_wait<0>();
-        hb_fence_async();
+        moda_fence_async();
         hb_bar_consumers(1);
     }
 
@@ -298,7 +246,7 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
     for (int it = 0; it < nsteps; it++) {
         const int stg = it % HB_STAGES;
         const int r0 = rbeg + it * BM;
-        hb_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / HB_STAGES) & 1));
+        moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / HB_STAGES) & 1));
         const uint32_t qaddr = moda_smem_addr(base + TR::OFF_RING + stg * TR::STAGE_BYTES);
         const uint32_t doaddr = qaddr + TR::ROW_BYTES;
         const float *l2 = reinterpret_cast<const float *>(base + TR::OFF_STAT + stg * TR::STAT_BYTES);
@@ -308,19 +256,19 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
         /* S^T = K Q^T (group 1), dP^T = V dO^T (group 2), m64nBMk16: k16 step kk is half kk / 4 and a 32-byte
          * offset inside its swizzled 128-byte rows, as the forward's Q K^T */
         float s[NB][4], dp[NB][4];
-        hb_wg_fence();
+        moda_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            hb_mma<E>::ss(s, hb_desc(kaddr + (kk >> 2) * HB_BN * 128 + (kk & 3) * 32),
-                          hb_desc(qaddr + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
-        hb_wg_commit();
+            hb_mma<E>::ss(s, moda_sdesc(kaddr + (kk >> 2) * HB_BN * 128 + (kk & 3) * 32),
+                          moda_sdesc(qaddr + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        moda_wg_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            hb_mma<E>::ss(dp, hb_desc(vaddr + (kk >> 2) * HB_BN * 128 + (kk & 3) * 32),
-                          hb_desc(doaddr + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
-        hb_wg_commit();
-        hb_wg_wait<1>();
-        hb_reg_fence(s);
+            hb_mma<E>::ss(dp, moda_sdesc(vaddr + (kk >> 2) * HB_BN * 128 + (kk & 3) * 32),
+                          moda_sdesc(doaddr + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+        moda_wg_commit();
+        moda_wg_wait<1>();
+        moda_reg_fence(s);
 
         /* P^T: accumulator (n, 2i+e) is key jlo/jhi (i) against tile row n*8 + 2*(lane&3) + e. The mask is
          * needed where the warpgroup's keys straddle the diagonal and for keys past T (zero K rows would give
@@ -340,8 +288,8 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
                     s[n][2 * i + e] = need_mask && (j >= T || (p.causal && j > tok)) ? 0.f : x;
                 }
             }
-        hb_wg_wait<0>();
-        hb_reg_fence(dp);
+        moda_wg_wait<0>();
+        moda_reg_fence(dp);
         /* dS^T = P^T (dP^T - Delta), in place in dp */
 #pragma unroll
         for (int n = 0; n < NB; n++)
@@ -381,28 +329,28 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
          * k16 step = 16 rows = 2048 bytes (the forward's P V) */
 #pragma unroll
         for (int hh = 0; hh < NH; hh++) {
-            hb_reg_fence(dv[hh]);
-            hb_reg_fence(dk[hh]);
+            moda_reg_fence(dv[hh]);
+            moda_reg_fence(dk[hh]);
         }
-        hb_wg_fence();
+        moda_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < KB; kk++)
 #pragma unroll
             for (int hh = 0; hh < NH; hh++)
-                hb_mma<E>::rs(dv[hh], pf[kk], hb_desc(doaddr + hh * BM * 128 + kk * 16 * 128));
+                hb_mma<E>::rs(dv[hh], pf[kk], moda_sdesc(doaddr + hh * BM * 128 + kk * 16 * 128));
 #pragma unroll
         for (int kk = 0; kk < KB; kk++)
 #pragma unroll
             for (int hh = 0; hh < NH; hh++)
-                hb_mma<E>::rs(dk[hh], df[kk], hb_desc(qaddr + hh * BM * 128 + kk * 16 * 128));
-        hb_wg_commit();
-        hb_wg_wait<0>();
+                hb_mma<E>::rs(dk[hh], df[kk], moda_sdesc(qaddr + hh * BM * 128 + kk * 16 * 128));
+        moda_wg_commit();
+        moda_wg_wait<0>();
 #pragma unroll
         for (int hh = 0; hh < NH; hh++) {
-            hb_reg_fence(dv[hh]);
-            hb_reg_fence(dk[hh]);
+            moda_reg_fence(dv[hh]);
+            moda_reg_fence(dk[hh]);
         }
-        hb_mbar_arrive(bar_empty + 8 * stg); /* Q, dO and the stats of this stage are no longer read */
+        moda_mbar_arrive(bar_empty + 8 * stg); /* Q, dO and the stats of this stage are no longer read */
 
         /* dQ(BM rows x D) = dS K over the CTA's 128 keys; both warpgroups' dS^T are in dsb after the barrier.
          * One barrier per step suffices: buffer it & 1 is rewritten at step it + 2, after every consumer has
@@ -481,8 +429,8 @@ __global__ void __launch_bounds__(HB_THREADS, 1) bw_hopper_kernel(const __grid_c
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < HB_STAGES; s++) {
-            hb_mbar_init(bar_full + 8 * s, 128);
-            hb_mbar_init(bar_empty + 8 * s, 256);
+            moda_mbar_init(bar_full + 8 * s, 128);
+            moda_mbar_init(bar_empty + 8 * s, 256);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }

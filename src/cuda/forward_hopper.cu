@@ -27,6 +27,7 @@
  * chooses this path.
  */
 #include "forward_hopper.cuh"
+#include "hopper_common.cuh"
 
 #include <cudaTypedefs.h>
 #include <math.h>
@@ -108,27 +109,7 @@ template <int D> __device__ __forceinline__ int hswz(int row, int col) {
     return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
-
-/* ---- mbarrier and TMA ---- */
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    asm volatile("{\n"
-                 ".reg .pred P1;\n"
-                 "LAB_WAIT:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-                 "@!P1 bra LAB_WAIT;\n"
-                 "}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
-}
+/* ---- TMA (the mbarrier and wgmma primitives are in hopper_common.cuh) ---- */
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int c0, int c1,
                                             int c2, int c3) {
     asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
@@ -137,23 +118,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap *map
                  : "memory");
 }
 
-/* ---- wgmma ---- */
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-/* Keeps the compiler from moving accumulator reads/writes across the asynchronous wgmma window. */
-template <int N> __device__ __forceinline__ void reg_fence(float (&r)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(r[i][e])::"memory");
-}
-/* Shared memory descriptor: 128B swizzle (layout type 1), SBO = 1024 bytes between 8-row groups (K-major: 8
- * M/N rows; MN-major: 8 K rows), LBO unused for these shapes (K-major swizzled; MN-major with N = 64). */
-__device__ __forceinline__ uint64_t sdesc(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
-}
 
 /* ---- wgmma instructions (m64n128k16 SS for Q*K^T; m64n64k16 RS with B transposed for P*V) ---- */
 /* One definition per shape, instantiated for both storage types (the type is part of the instruction name).
@@ -181,25 +145,10 @@ __device__ __forceinline__ uint64_t sdesc(uint32_t addr) {
                        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
                      : "l"(da), "l"(db), "r"(scale_d)); \
     }
-#define HOP_WGMMA_RS_N64(NAME, TY) \
-    static __device__ __forceinline__ void NAME(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) { \
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {" \
-                     "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
-                     "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
-                     "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n" \
-                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
-                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
-                       "+f"(d[7][2]), "+f"(d[7][3]) \
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
-    }
 HOP_WGMMA_SS_N128(wgmma_ss_n128_bf16, "bf16")
 HOP_WGMMA_SS_N128(wgmma_ss_n128_f16, "f16")
-HOP_WGMMA_RS_N64(wgmma_rs_n64_bf16, "bf16")
-HOP_WGMMA_RS_N64(wgmma_rs_n64_f16, "f16")
+MODA_HOP_WGMMA_RS_N64(wgmma_rs_n64_bf16, "bf16")
+MODA_HOP_WGMMA_RS_N64(wgmma_rs_n64_f16, "f16")
 
 template <typename T> struct hop_mma;
 template <> struct hop_mma<__nv_bfloat16> {
@@ -550,11 +499,11 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 const uint32_t off = (kk & 3) * 32; /* k16 step inside the 128-byte row */
-                const uint64_t da = sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
-                const uint64_t db = sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
+                const uint64_t da = moda_sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
+                const uint64_t db = moda_sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
                 hop_mma<T>::qk(s, da, db, kk > 0);
             }
-            wg_commit();
+            moda_wg_commit();
         };
         auto issue_pv = [&](int stg) {
             const uint32_t vaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES) + TR::TILE_BYTES;
@@ -562,8 +511,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             for (int kk = 0; kk < HOP_BN / 16; kk++)
 #pragma unroll
                 for (int hh = 0; hh < NH; hh++)
-                    hop_mma<T>::pv(o[hh], pf[kk], sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
-            wg_commit();
+                    hop_mma<T>::pv(o[hh], pf[kk], moda_sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
+            moda_wg_commit();
         };
         auto mask_s = [&](int j0) {
             const bool need_mask = p.causal ? (j0 + HOP_BN - 1 > tw0) : (j0 + HOP_BN > jend);
@@ -590,27 +539,27 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         };
         if (nact > 0) {
             /* first tile: nothing to overlap with; o may hold the depth part, rescaled as usual */
-            mbar_wait(bar_full, 0);
+            moda_mbar_wait(bar_full, 0);
 #pragma unroll
-            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
-            wg_fence();
+            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
+            moda_wg_fence();
             issue_qk(0);
-            wg_wait0();
-            reg_fence(s);
+            moda_wg_wait<0>();
+            moda_reg_fence(s);
             mask_s(0);
             hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
             pack_p();
             for (int it = 1; it < nact; it++) {
                 const int stg = it % STAGES, pstg = (it - 1) % STAGES;
-                mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
+                moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
 #pragma unroll
-                for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+                for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
                 reg_fence_u(pf);
-                wg_fence(); /* orders the register writes to s, o and pf above before both groups */
+                moda_wg_fence(); /* orders the register writes to s, o and pf above before both groups */
                 issue_qk(stg);
                 issue_pv(pstg);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); /* S done, P*V may run on */
-                reg_fence(s);
+                moda_reg_fence(s);
                 mask_s(it * HOP_BN);
                 float alpha[2];
                 hop_softmax_noscale<HOP_BN / 8>(s, m, l, sl, alpha);
@@ -621,11 +570,11 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                  * part ran before it and its cp.async groups have all been waited for). */
                 const float lsum2 = l[0] + l[1];
                 asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(moda_smem_addr(sD) + 4 * lane), "f"(lsum2) : "memory");
-                wg_wait0();
+                moda_wg_wait<0>();
 #pragma unroll
-                for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+                for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
                 reg_fence_u(pf);
-                mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
+                moda_mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
 #pragma unroll
                 for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -639,20 +588,20 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
             const int lstg = (nact - 1) % STAGES;
 #pragma unroll
-            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
             reg_fence_u(pf);
-            wg_fence();
+            moda_wg_fence();
             issue_pv(lstg);
-            wg_wait0();
+            moda_wg_wait<0>();
 #pragma unroll
-            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
             reg_fence_u(pf);
-            mbar_arrive(bar_empty + 8 * lstg);
+            moda_mbar_arrive(bar_empty + 8 * lstg);
         }
         for (int it = nact; it < ntiles; it++) {
             const int stg = it % STAGES;
-            mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
-            mbar_arrive(bar_empty + 8 * stg);
+            moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
+            moda_mbar_arrive(bar_empty + 8 * stg);
         }
     } else {
 #endif
@@ -660,23 +609,23 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         const int stg = it % STAGES;
         const uint32_t par = (uint32_t)((it / STAGES) & 1);
         const int j0 = it * HOP_BN;
-        mbar_wait(bar_full + 8 * stg, par);
+        moda_mbar_wait(bar_full + 8 * stg, par);
         /* warpgroup-uniform: tiles entirely after the group's last token hold nothing for it */
         if (gvalid && !(p.causal && j0 > tg1)) {
             const uint32_t kaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
             const uint32_t vaddr = kaddr + TR::TILE_BYTES;
             float s[HOP_BN / 8][4];
-            wg_fence();
+            moda_wg_fence();
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 const uint32_t off = (kk & 3) * 32; /* k16 step inside the 128-byte row */
-                const uint64_t da = sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
-                const uint64_t db = sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
+                const uint64_t da = moda_sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
+                const uint64_t db = moda_sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
                 hop_mma<T>::qk(s, da, db, kk > 0);
             }
-            wg_commit();
-            wg_wait0();
-            reg_fence(s);
+            moda_wg_commit();
+            moda_wg_wait<0>();
+            moda_reg_fence(s);
             const bool need_mask = p.causal ? (j0 + HOP_BN - 1 > tw0) : (j0 + HOP_BN > jend);
             if (need_mask) {
 #pragma unroll
@@ -699,19 +648,19 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 pf[kk][3] = moda_dt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
             }
 #pragma unroll
-            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
-            wg_fence();
+            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
+            moda_wg_fence();
 #pragma unroll
             for (int kk = 0; kk < HOP_BN / 16; kk++)
 #pragma unroll
                 for (int hh = 0; hh < NH; hh++)
-                    hop_mma<T>::pv(o[hh], pf[kk], sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
-            wg_commit();
-            wg_wait0();
+                    hop_mma<T>::pv(o[hh], pf[kk], moda_sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
+            moda_wg_commit();
+            moda_wg_wait<0>();
 #pragma unroll
-            for (int hh = 0; hh < NH; hh++) reg_fence(o[hh]);
+            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
         }
-        mbar_arrive(bar_empty + 8 * stg);
+        moda_mbar_arrive(bar_empty + 8 * stg);
 #if !MODA_HOPPER_DEPTH_FIRST
         if (it < nact) {
             const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
@@ -776,8 +725,8 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; s++) {
-            mbar_init(bar_full + 8 * s, 1);
-            mbar_init(bar_empty + 8 * s, 256);
+            moda_mbar_init(bar_full + 8 * s, 1);
+            moda_mbar_init(bar_empty + 8 * s, 256);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -790,8 +739,8 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
             unsigned char *ring = base + TR::Q_BYTES;
             for (int it = 0; it < ntiles; it++) {
                 const int stg = it % STAGES;
-                mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / STAGES) & 1) ^ 1));
-                mbar_expect_tx(bar_full + 8 * stg, 2 * TR::TILE_BYTES);
+                moda_mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / STAGES) & 1) ^ 1));
+                moda_mbar_expect_tx(bar_full + 8 * stg, 2 * TR::TILE_BYTES);
                 int c[3];
 #pragma unroll
                 for (int i = 0; i < 3; i++) c[i] = p.perm[i] == 1 ? it * HOP_BN : (int)(p.perm[i] == 0 ? b : h);
