@@ -71,6 +71,28 @@ static __device__ __forceinline__ void bw_gen_row_key(const bw_params &p, const 
     *dz = pr * (dp - delta);
 }
 
+/* One key (kr, vr) against the G heads of tokens [t0, t1) of (b, h): adds dz*q to dk and p*dO to dvv. The walk
+ * of both generic key-major kernels (sequence keys and depth slots). */
+static __device__ __forceinline__ void bw_gen_key_rows(const bw_params &p, int64_t b, int64_t h, int64_t t0, int64_t t1,
+                                                       const float (&kr)[BW_GEN_MAXC], const float (&vr)[BW_GEN_MAXC],
+                                                       float (&dk)[BW_GEN_MAXC], float (&dvv)[BW_GEN_MAXC], int lane) {
+    float q[BW_GEN_MAXC], dO[BW_GEN_MAXC];
+    for (int64_t t = t0; t < t1; t++) {
+        for (int64_t g = 0; g < p.G; g++) {
+            bw_gen_load_row(q, p.q, bw_off4(p.q, b, t, h, g), p.q.s4, p.d, lane);
+            bw_gen_load_row(dO, p.dout, bw_off4(p.dout, b, t, h, g), p.dout.s4, p.dv, lane);
+            const float lse = bw_load(p.lse, bw_off4(p.lse, b, t, h, g));
+            float pr, dz;
+            bw_gen_row_key(p, q, dO, kr, vr, lse, p.delta[bw_row(p, b, t, h, g)], &pr, &dz);
+#pragma unroll
+            for (int c = 0; c < BW_GEN_MAXC; c++) {
+                dk[c] += dz * q[c];
+                dvv[c] += pr * dO[c];
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------------ */
 /* Generic sequence dK, dV: one warp owns one key j of one (b, h) and walks every row that sees it.        */
 /* ------------------------------------------------------------------------------------------------------ */
@@ -80,25 +102,12 @@ __global__ void bw_generic_dkdv_kernel(bw_params p) {
     const int64_t nwarps = (int64_t)gridDim.x * (blockDim.x >> 5);
     for (int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < keys; w += nwarps) {
         const int64_t j = w % p.T, h = (w / p.T) % p.Hk, b = w / (p.T * p.Hk);
-        float kr[BW_GEN_MAXC], vr[BW_GEN_MAXC], dk[BW_GEN_MAXC], dvv[BW_GEN_MAXC], q[BW_GEN_MAXC], dO[BW_GEN_MAXC];
+        float kr[BW_GEN_MAXC], vr[BW_GEN_MAXC], dk[BW_GEN_MAXC], dvv[BW_GEN_MAXC];
         bw_gen_load_row(kr, p.k, bw_off4(p.k, b, j, h, 0), p.k.s3, p.d, lane);
         bw_gen_load_row(vr, p.v, bw_off4(p.v, b, j, h, 0), p.v.s3, p.dv, lane);
 #pragma unroll
         for (int c = 0; c < BW_GEN_MAXC; c++) dk[c] = dvv[c] = 0.f;
-        for (int64_t t = p.causal ? j : 0; t < p.T; t++) {
-            for (int64_t g = 0; g < p.G; g++) {
-                bw_gen_load_row(q, p.q, bw_off4(p.q, b, t, h, g), p.q.s4, p.d, lane);
-                bw_gen_load_row(dO, p.dout, bw_off4(p.dout, b, t, h, g), p.dout.s4, p.dv, lane);
-                const float lse = bw_load(p.lse, bw_off4(p.lse, b, t, h, g));
-                float pr, dz;
-                bw_gen_row_key(p, q, dO, kr, vr, lse, p.delta[bw_row(p, b, t, h, g)], &pr, &dz);
-#pragma unroll
-                for (int c = 0; c < BW_GEN_MAXC; c++) {
-                    dk[c] += dz * q[c];
-                    dvv[c] += pr * dO[c];
-                }
-            }
-        }
+        bw_gen_key_rows(p, b, h, p.causal ? j : 0, p.T, kr, vr, dk, dvv, lane);
         const int64_t ok = bw_off4(p.dk, b, j, h, 0), ov = bw_off4(p.dv_, b, j, h, 0);
 #pragma unroll
         for (int c = 0; c < BW_GEN_MAXC; c++) {
@@ -204,7 +213,7 @@ __global__ void bw_generic_depth_dkv_kernel(bw_params p) {
     for (int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < slots; w += nwarps) {
         const int64_t h = w % p.Hk, l = p.d0 + (w / p.Hk) % L, u = (w / (p.Hk * L)) % p.T;
         const int64_t b = w / (p.Hk * L * p.T);
-        float kr[BW_GEN_MAXC], vr[BW_GEN_MAXC], q[BW_GEN_MAXC], dO[BW_GEN_MAXC], dk[BW_GEN_MAXC], dvv[BW_GEN_MAXC];
+        float kr[BW_GEN_MAXC], vr[BW_GEN_MAXC], dk[BW_GEN_MAXC], dvv[BW_GEN_MAXC];
         bw_gen_load_row(kr, p.kd, bw_off5(p.kd, b, u, l, h, 0), p.kd.s4, p.d, lane);
         bw_gen_load_row(vr, p.vd, bw_off5(p.vd, b, u, l, h, 0), p.vd.s4, p.dv, lane);
 #pragma unroll
@@ -214,20 +223,7 @@ __global__ void bw_generic_depth_dkv_kernel(bw_params p) {
             t1 = (u / p.chunk_size + 1) * p.chunk_size;
             if (t1 > p.T) t1 = p.T;
         }
-        for (int64_t t = u; t < t1; t++) {
-            for (int64_t g = 0; g < p.G; g++) {
-                bw_gen_load_row(q, p.q, bw_off4(p.q, b, t, h, g), p.q.s4, p.d, lane);
-                bw_gen_load_row(dO, p.dout, bw_off4(p.dout, b, t, h, g), p.dout.s4, p.dv, lane);
-                const float lse = bw_load(p.lse, bw_off4(p.lse, b, t, h, g));
-                float pr, dz;
-                bw_gen_row_key(p, q, dO, kr, vr, lse, p.delta[bw_row(p, b, t, h, g)], &pr, &dz);
-#pragma unroll
-                for (int c = 0; c < BW_GEN_MAXC; c++) {
-                    dk[c] += dz * q[c];
-                    dvv[c] += pr * dO[c];
-                }
-            }
-        }
+        bw_gen_key_rows(p, b, h, u, t1, kr, vr, dk, dvv, lane);
         const int64_t ok = bw_off5(p.dkd, b, u, l, h, 0), ov = bw_off5(p.dvd, b, u, l, h, 0);
 #pragma unroll
         for (int c = 0; c < BW_GEN_MAXC; c++) {
