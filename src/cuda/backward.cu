@@ -412,6 +412,9 @@ static int bw_td_slots(const moda_problem *p, size_t limit, size_t *bytes) {
     return 0;
 }
 
+/* The sequence-kernel family of this thread's last backward, for tests (moda_testing_cuda_last_backward). */
+static thread_local const char *bw_last_path = "none";
+
 extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace, size_t workspace_bytes, void *stream) {
     const size_t need = moda_cuda_backward_workspace(p);
     if (need > 0 && (workspace == NULL || workspace_bytes < need))
@@ -490,9 +493,12 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
         cudaError_t e;
         if (fused_warps) {
             /* MODA_CUDA_BWD_HOPPER=1: the sm_90a draft (backward_hopper.cu) in place of the mma.sync pass */
-            e = bw_hopper_use(p, &bp) ? bw_launch_hopper(&bp, st) : bw_launch_mma_fused(&bp, st);
+            const int hopper = bw_hopper_use(p, &bp);
+            bw_last_path = hopper ? "hopper" : bp.deterministic ? "fused-ordered" : "fused";
+            e = hopper ? bw_launch_hopper(&bp, st) : bw_launch_mma_fused(&bp, st);
             if (e == cudaSuccess) e = bw_launch_dq_finish(&bp, st);
         } else {
+            bw_last_path = "twopass";
             e = bw_launch_mma_dkdv(&bp, st);
             if (e == cudaSuccess) e = bw_launch_mma_dq(&bp, st);
         }
@@ -501,6 +507,7 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
                              cudaGetErrorString(e));
         return MODA_OK;
     }
+    bw_last_path = "generic";
     if (p->sequence) {
         bw_generic_dkdv_kernel<<<bw_warp_grid(p->B * p->Hk * p->T), BW_WARPS * 32, 0, st>>>(bp);
         if ((s = bw_check_launch("the sequence dK/dV kernel")) != MODA_OK) return s;
@@ -508,3 +515,7 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     bw_generic_dq_kernel<<<bw_warp_grid(rows), BW_WARPS * 32, 0, st>>>(bp);
     return bw_check_launch("the dQ kernel");
 }
+
+/* Private hook (not in moda.h; tests declare it): "hopper", "fused", "fused-ordered", "twopass" or "generic" for
+ * the kernels the last backward on this thread ran ("none" before any). */
+extern "C" MODA_API const char *moda_testing_cuda_last_backward(void) { return bw_last_path; }

@@ -24,6 +24,19 @@
 
 #include "gpu_util.h"
 
+/* Private hook of the CUDA backend (src/cuda/backward.cu): the kernel family the last backward ran. */
+MODA_API const char *moda_testing_cuda_last_backward(void);
+
+/* Whether this device runs the sm_90a backward (compute capability 9.x); MODA_TEST_BWD_HOPPER=0 skips it. */
+static int hopper_backward_testable(void) {
+    const char *e = getenv("MODA_TEST_BWD_HOPPER");
+    if (e && !strcmp(e, "0")) return 0;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+        return 0;
+    return major == 9;
+}
+
 /* Device mirror of a host tu_tensor: same bytes, same offsets. */
 static void *to_device(const tu_tensor *t) {
     if (!t->alloc) return NULL;
@@ -429,6 +442,8 @@ int main(int argc, char **argv) {
     };
     const int ncases = (int)(sizeof grid / sizeof grid[0]);
     const int quick = tu_quick();
+    const int hopper = hopper_backward_testable();
+    int hopper_ran = 0, hopper_cases = 0;
     for (int i = 0; i < ncases; i++) {
         const tu_case *c = &grid[i];
         if (quick && i % 3 != 0) continue;
@@ -459,7 +474,24 @@ int main(int argc, char **argv) {
             if (c->Lcap > 0 && !quick) check_case(c, MODA_F16, MODA_F32, 1, 1, &r);
             unsetenv("MODA_CUDA_BWD_NOSPLIT");
             unsetenv("MODA_CUDA_BWD_NOTDW");
+            if (hopper) {
+                /* the sm_90a pass (non-deterministic, unsplit), both dtypes, overwrite and accumulate */
+                setenv("MODA_CUDA_BWD_HOPPER", "1", 1);
+                setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1);
+                check_case(c, MODA_BF16, MODA_BF16, 0, 0, &r);
+                hopper_ran += !strcmp(moda_testing_cuda_last_backward(), "hopper");
+                check_case(c, MODA_F16, c->Lcap > 0 ? MODA_F32 : MODA_F16, c->Lcap > 0, 0, &r);
+                hopper_ran += !strcmp(moda_testing_cuda_last_backward(), "hopper");
+                hopper_cases += 2;
+                unsetenv("MODA_CUDA_BWD_HOPPER");
+                unsetenv("MODA_CUDA_BWD_NOSPLIT");
+            }
         }
+    }
+    if (hopper) {
+        printf("gpu_test_backward: the sm_90a backward ran %d of %d Hopper cases\n", hopper_ran, hopper_cases);
+        /* the draft takes d = dv in {64, 128} on this grid's tensor-core cases: a silent fallback is a failure */
+        TU_CHECK(hopper_ran > 0, "the sm_90a backward never ran (%d cases asked for it)", hopper_cases);
     }
     if (!quick) {
         /* sampled checks on benchmark-sized problems (S3, and S5's head dim at a shorter T) */
@@ -468,6 +500,13 @@ int main(int argc, char **argv) {
         sampled_check(&s3, MODA_BF16, 1, &r);
         setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1); /* non-deterministic: the fused pass unsplit, as S1, S5 run it */
         sampled_check(&s5, MODA_BF16, 0, &r);
+        if (hopper) {
+            setenv("MODA_CUDA_BWD_HOPPER", "1", 1);
+            sampled_check(&s5, MODA_BF16, 0, &r);
+            TU_CHECK(!strcmp(moda_testing_cuda_last_backward(), "hopper"), "the S5-like sampled case did not run the sm_90a backward (%s)",
+                     moda_testing_cuda_last_backward());
+            unsetenv("MODA_CUDA_BWD_HOPPER");
+        }
         unsetenv("MODA_CUDA_BWD_NOSPLIT");
     }
     return tu_finish("gpu_test_backward");
