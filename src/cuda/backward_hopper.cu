@@ -1,9 +1,9 @@
 /*
- * backward_hopper.cu - DRAFT, NOT YET RUN ON A GPU. The sm_90a (wgmma) form of the fused non-deterministic
+ * backward_hopper.cu - the sm_90a (wgmma) form of the fused non-deterministic
  * sequence pass of the backward (issues 4/5): dK, dV written, s * dQ added to the fp32 dqacc workspace with
  * red.global.add; the preprocess (Delta), the depth stage and bw_dq_finish_kernel stay the existing ones.
- * Selected only with MODA_CUDA_BWD_HOPPER=1 (backward.cu's hook, bw_hopper_use); the design record and the
- * test plan are in docs/cuda_backward_notes.md, "Hopper backward draft (not yet run)".
+ * The default there on compute capability 9.x (backward.cu's hook, bw_hopper_use; MODA_CUDA_BWD_HOPPER=0 turns it
+ * off); the design record and its first measurements are in docs/cuda_backward_notes.md, "Hopper backward".
  *
  * CTA = 3 warpgroups and 128 keys (j0 .. j0+127) of one (b, h); d = dv in {64, 128}; the query rows
  * R = t*G + g of that head that see the keys are walked in steps of BM = 64 rows (d = 128: 32, so that dK and
@@ -475,8 +475,8 @@ template <typename E, int D> cudaError_t hb_run(const bw_params *bp, cudaStream_
 } // namespace
 
 int bw_hopper_use(const moda_problem *p, const bw_params *bp) {
-    const char *e = getenv("MODA_CUDA_BWD_HOPPER");
-    if (!(e && e[0] == '1')) return 0;
+    const char *e = getenv("MODA_CUDA_BWD_HOPPER"); /* on unless "0": the switch back to the mma.sync pass */
+    if (e && e[0] == '0') return 0;
     if (p->dtype != MODA_F16 && p->dtype != MODA_BF16) return 0;
     if (p->d != p->dv || (p->d != 64 && p->d != 128) || !p->sequence) return 0;
     /* the fused non-deterministic pass without row splits (the split reduction is backward_mma.cu's) */

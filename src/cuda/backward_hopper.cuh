@@ -1,14 +1,15 @@
 /*
  * backward_hopper.cuh - private to the CUDA backward: the sm_90a (wgmma) replacement of the fused
- * non-deterministic sequence pass (src/cuda/backward_hopper.cu). DRAFT, NOT YET RUN ON A GPU: selected only
- * with MODA_CUDA_BWD_HOPPER=1 (docs/cuda_backward_notes.md, "Hopper backward draft (not yet run)").
+ * non-deterministic sequence pass (src/cuda/backward_hopper.cu), the default there on compute capability 9.x
+ * since its first device run (2026-11-23; docs/cuda_backward_notes.md, "Hopper backward"); MODA_CUDA_BWD_HOPPER=0
+ * switches back to the mma.sync pass.
  */
 #ifndef MODA_CUDA_BACKWARD_HOPPER_CUH
 #define MODA_CUDA_BACKWARD_HOPPER_CUH
 
 #include "backward_common.cuh"
 
-/* Whether the Hopper pass replaces bw_launch_mma_fused for this call: MODA_CUDA_BWD_HOPPER=1, compute
+/* Whether the Hopper pass replaces bw_launch_mma_fused for this call: MODA_CUDA_BWD_HOPPER not "0", compute
  * capability 9.x with the sm_90a image loaded, f16/bf16, d == dv in {64, 128}, the non-deterministic fused pass
  * without row splits (bp as backward.cu filled it). */
 int bw_hopper_use(const moda_problem *p, const bw_params *bp);
