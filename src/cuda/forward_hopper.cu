@@ -18,9 +18,12 @@
  *    token-major; chunk mode from its first row's chunk start) in 16-key sub-tiles loaded with cp.async into
  *    warp-private shared buffers, with mma.sync m16n8k16 into the SAME accumulators: a warp's part of the wgmma
  *    m64nN accumulator is exactly the m16n8 C fragment of its 16 rows, and P's wgmma A fragment is the mma.sync A
- *    fragment. Waste is bounded by the warp's 16 rows (G of 16 useful per slot). The sub-tiles are spread over the
- *    sequence tiles (run after each tile's release) with their loads issued ahead, so the depth bytes stream in
- *    while the tensor cores work on sequence tiles.
+ *    fragment. Waste is bounded by the warp's 16 rows (G of 16 useful per slot). Positions in the list advance
+ *    with carries instead of per-element divisions by L.
+ *  - order, d = 64 (4-stage ring): the depth part first, then the sequence loop with intra-warpgroup overlap
+ *    (S_j = Q*K_j^T issued together with O += P_{j-1}*V_{j-1}; tile j's softmax runs while that P*V does).
+ *    d = 128 (2 stages, too few to hold two tiles): one tile at a time, the depth sub-tiles spread over the
+ *    sequence tiles (after each tile's release) with their loads issued ahead.
  *
  * All sm_90a instructions sit under __CUDA_ARCH_FEAT_SM90_ALL: the sm_80 pass (and a plain sm_90 one) compiles
  * an empty kernel, which the host detects (binary version and the kernel's static shared memory) before it ever
@@ -34,30 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Timing variant only (bench/device_run.sh, stage "variants": VARIANTS="depthfirst=-DMODA_HOPPER_DEPTH_FIRST=1");
- * the build never sets it. */
-#ifndef MODA_HOPPER_DEPTH_FIRST
-#define MODA_HOPPER_DEPTH_FIRST 0
-#endif
-/* Timing variants prepared for the next A/B, never run yet (docs/cuda_hopper_notes.md, "Variants prepared for the
- * next A/B"); each defaults to 0, and with all of them 0 the device code is the shipped one.
- * MODA_HOPPER_OVERLAP: the sequence loop issues S_j = Q*K_j^T together with O += P_{j-1}*V_{j-1} and runs tile j's
- * softmax while P*V runs (intra-warpgroup overlap), with the depth-first order; d = 64 only (it holds two ring
- * stages at a time, so it needs the 4-stage ring: d = 128, 2 stages, keeps the shipped loop).
- * MODA_HOPPER_DEPTH_NODIV: the depth sub-tile's loads and mask without per-element integer divisions. */
-#ifndef MODA_HOPPER_OVERLAP
-#define MODA_HOPPER_OVERLAP 0
-#endif
-#ifndef MODA_HOPPER_DEPTH_NODIV
-#define MODA_HOPPER_DEPTH_NODIV 0
-#endif
-/* MODA_HOPPER_DEPTH32: 32-key depth sub-tiles for d = 64 (half the online-softmax updates per depth key); shared
- * memory allows either =1: one depth buffer per warp, the 4-stage ring kept, or =2: two depth buffers, the ring
- * cut to 2 stages (both 208 KB). d = 128 keeps 16-key sub-tiles (its shared memory is full). */
-#ifndef MODA_HOPPER_DEPTH32
-#define MODA_HOPPER_DEPTH32 0
-#endif
-
 namespace {
 
 constexpr int HOP_BM = 128;       /* query rows per CTA: 2 consumer warpgroups x 64 */
@@ -69,23 +48,14 @@ template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
     static_assert(NH * 64 == D, "d is a multiple of 64");
-#if MODA_HOPPER_DEPTH32
-    static constexpr int DK = D == 64 ? 32 : HOP_DK;
-    static constexpr int STAGES = D == 64 && MODA_HOPPER_DEPTH32 != 2 ? 4 : 2;
-    static constexpr int DB = D == 64 && MODA_HOPPER_DEPTH32 == 2 ? 2 : 1;
-#else
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
-#endif
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
     static constexpr size_t SMEM = 1024 + (size_t)Q_BYTES + (size_t)STAGES * 2 * TILE_BYTES +
                                    (size_t)8 * DB * 2 * DEPTH_BYTES;
-#if MODA_HOPPER_DEPTH32
-    static_assert(SMEM <= 232448, "227 KB of dynamic shared memory per block on sm_90");
-#endif
 };
 
 struct hop_params : moda_fwd_shape {
@@ -168,65 +138,58 @@ template <> struct hop_mma<__half> {
     }
 };
 
-/* Merges masked raw logits s (-inf where masked; NB*8 keys per row) into the ONE online-softmax state of the
- * thread's two rows (m in raw units, l partial per quad lane) and rescales the output accumulators; leaves the
- * probabilities in s. Same arithmetic as forward_fast: one FFMA + one ex2 per probability. */
+/* Online softmax in two steps, so the overlapped loop can defer the rescale until its P*V has completed:
+ * hop_softmax_row merges row i (0/1) of masked raw logits s (-inf where masked; NB*8 keys per row) into the
+ * thread's online-softmax state of that row (m in raw units, l partial per quad lane), leaves the probabilities in
+ * s and sets alpha, the factor for the row's output accumulators (hop_rescale_row). Same arithmetic as
+ * forward_fast: one FFMA + one ex2 per probability. (alpha is an out-parameter rather than the return value:
+ * returned, it let nvcc 13.0 commute an FFMA's operands in the overlapped loop, which changed the PTX that was
+ * validated on the device.) */
+template <int NB>
+__device__ __forceinline__ void hop_softmax_row(float (&s)[NB][4], float (&m)[2], float (&l)[2], float sl, int i,
+                                                float &alpha) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NB; n++) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+    mx = moda_quad_max(mx);
+    const float mnew = fmaxf(m[i], mx);
+    const float msc = mnew == -INFINITY ? 0.f : mnew * sl;
+    alpha = hx2(fmaf(m[i], sl, -msc));
+    m[i] = mnew;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < NB; n++) {
+        s[n][2 * i] = hx2(fmaf(s[n][2 * i], sl, -msc));
+        s[n][2 * i + 1] = hx2(fmaf(s[n][2 * i + 1], sl, -msc));
+        sum += s[n][2 * i] + s[n][2 * i + 1];
+    }
+    l[i] = l[i] * alpha + sum;
+}
+template <int NO> __device__ __forceinline__ void hop_rescale_row(float (&o)[NO][8][4], int i, float alpha) {
+#pragma unroll
+    for (int h = 0; h < NO; h++)
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            o[h][n][2 * i] *= alpha;
+            o[h][n][2 * i + 1] *= alpha;
+        }
+}
+/* Both rows, each rescaling its accumulators at once. */
 template <int NB, int NO>
 __device__ __forceinline__ void hop_softmax(float (&s)[NB][4], float (&o)[NO][8][4], float (&m)[2], float (&l)[2],
                                             float sl) {
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < NB; n++) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
-        mx = moda_quad_max(mx);
-        const float mnew = fmaxf(m[i], mx);
-        const float msc = mnew == -INFINITY ? 0.f : mnew * sl;
-        const float alpha = hx2(fmaf(m[i], sl, -msc));
-        m[i] = mnew;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < NB; n++) {
-            s[n][2 * i] = hx2(fmaf(s[n][2 * i], sl, -msc));
-            s[n][2 * i + 1] = hx2(fmaf(s[n][2 * i + 1], sl, -msc));
-            sum += s[n][2 * i] + s[n][2 * i + 1];
-        }
-        l[i] = l[i] * alpha + sum;
-#pragma unroll
-        for (int h = 0; h < NO; h++)
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                o[h][n][2 * i] *= alpha;
-                o[h][n][2 * i + 1] *= alpha;
-            }
+        float alpha;
+        hop_softmax_row(s, m, l, sl, i, alpha);
+        hop_rescale_row(o, i, alpha);
     }
 }
 
-#if MODA_HOPPER_OVERLAP
-/* hop_softmax without the accumulator rescale (same arithmetic, same order): returns each row's factor alpha for
- * the caller to apply once the P*V still reading/writing o has completed. */
-template <int NB>
-__device__ __forceinline__ void hop_softmax_noscale(float (&s)[NB][4], float (&m)[2], float (&l)[2], float sl,
-                                                    float (&alpha)[2]) {
+/* moda_reg_fence for the output accumulators of all NH 64-column halves. */
+template <int NH> __device__ __forceinline__ void hop_fence_o(float (&o)[NH][8][4]) {
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < NB; n++) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
-        mx = moda_quad_max(mx);
-        const float mnew = fmaxf(m[i], mx);
-        const float msc = mnew == -INFINITY ? 0.f : mnew * sl;
-        alpha[i] = hx2(fmaf(m[i], sl, -msc));
-        m[i] = mnew;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < NB; n++) {
-            s[n][2 * i] = hx2(fmaf(s[n][2 * i], sl, -msc));
-            s[n][2 * i + 1] = hx2(fmaf(s[n][2 * i + 1], sl, -msc));
-            sum += s[n][2 * i] + s[n][2 * i + 1];
-        }
-        l[i] = l[i] * alpha[i] + sum;
-    }
+    for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
 }
 /* Keeps P's packed A fragments live (and unmoved) until after the wait that retires the P*V reading them. */
 template <int N> __device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]) {
@@ -235,7 +198,60 @@ template <int N> __device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]
 #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[i][e])::"memory");
 }
-#endif
+
+/* S = Q*K^T of one warpgroup's 64 rows and a 128-key tile (both K-major, 128B-swizzled halves of 64 columns),
+ * committed as one wgmma group. */
+template <typename T, int D>
+__device__ __forceinline__ void hop_issue_qk(float (&s)[HOP_BN / 8][4], uint32_t qaddr, uint32_t kaddr) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const uint32_t off = (kk & 3) * 32; /* k16 step inside the 128-byte row */
+        const uint64_t da = moda_sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
+        const uint64_t db = moda_sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
+        hop_mma<T>::qk(s, da, db, kk > 0);
+    }
+    moda_wg_commit();
+}
+/* O += P*V for a 128-key tile, P as packed A fragments, V MN-major; one wgmma group. */
+template <typename T, int NH>
+__device__ __forceinline__ void hop_issue_pv(float (&o)[NH][8][4], uint32_t (&pf)[HOP_BN / 16][4], uint32_t vaddr) {
+#pragma unroll
+    for (int kk = 0; kk < HOP_BN / 16; kk++)
+#pragma unroll
+        for (int hh = 0; hh < NH; hh++)
+            hop_mma<T>::pv(o[hh], pf[kk], moda_sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
+    moda_wg_commit();
+}
+/* -inf outside the keys j0.. of a sequence tile that the thread's rows see (key < jend; causal: key <= the row's
+ * token); only tiles crossing the diagonal (causal) or T need it. */
+__device__ __forceinline__ void hop_mask_s(float (&s)[HOP_BN / 8][4], int j0, const hop_params &p, int jend, int tw0,
+                                           const int (&trow)[2], int lane) {
+    const bool need_mask = p.causal ? (j0 + HOP_BN - 1 > tw0) : (j0 + HOP_BN > jend);
+    if (need_mask) {
+#pragma unroll
+        for (int n = 0; n < HOP_BN / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int j = j0 + n * 8 + 2 * (lane & 3) + e;
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+                    if (!(j < jend && (!p.causal || j <= trow[i]))) s[n][2 * i + e] = -INFINITY;
+            }
+    }
+}
+/* Probabilities of keys 16k..16k+15 (s blocks 2k, 2k+1) as the A fragment of a k16 step (wgmma RS = mma.sync). */
+template <typename T>
+__device__ __forceinline__ void hop_pack_a(uint32_t (&a)[4], const float (&s0)[4], const float (&s1)[4]) {
+    a[0] = moda_dt<T>::pack2(s0[0], s0[1]);
+    a[1] = moda_dt<T>::pack2(s0[2], s0[3]);
+    a[2] = moda_dt<T>::pack2(s1[0], s1[1]);
+    a[3] = moda_dt<T>::pack2(s1[2], s1[3]);
+}
+template <typename T, int NB>
+__device__ __forceinline__ void hop_pack_p(uint32_t (&pf)[NB / 2][4], const float (&s)[NB][4]) {
+#pragma unroll
+    for (int kk = 0; kk < NB / 2; kk++) hop_pack_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
+}
 
 template <typename T, int D>
 __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char *base, uint32_t bar_full,
@@ -294,10 +310,11 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     }
 
     /* ---------------- depth part: warp-private sub-tiles, mma.sync into the same state ----------------
-     * The warp's nd sub-tiles are interleaved with the warpgroup's sequence tiles (after each tile's release,
-     * spread evenly over the tiles the group computes; the rest after the loop): each sub-tile's cp.async is
-     * issued DB sub-tiles ahead, i.e. it is in flight while the tensor cores work on sequence tiles, so the
-     * depth stream overlaps the sequence math instead of preceding it. */
+     * Each sub-tile's cp.async is issued DB sub-tiles ahead. d = 64 runs all nd sub-tiles before the overlapped
+     * sequence loop (which must hold no depth code: inlined into the loop, the sub-tile cost v2 its register
+     * allocation and schedule, docs/cuda_hopper_notes.md); d = 128 spreads them over the warpgroup's sequence tiles
+     * (after each tile's release; the rest after the loop), so their loads are in flight while the tensor cores
+     * work on sequence tiles. */
     int wt0 = 0, wt1 = 0, u0 = 0, nkeys = 0, nd = 0;
     if (L > 0 && Rw0 < NR) {
         wt0 = Rw0 / G;
@@ -308,7 +325,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     }
     const T *kdb = reinterpret_cast<const T *>(p.kd) + b * p.kds[0] + h * p.kds[3];
     const T *vdb = reinterpret_cast<const T *>(p.vd) + b * p.vds[0] + h * p.vds[3];
-#if MODA_HOPPER_DEPTH_NODIV
     /* Key k of the warp's list is (token u0 + k / L, slot d0 + k % L). Instead of dividing per element, every
      * offset used below is split once into (quotient, remainder) by L, and positions advance with a carry:
      * (q, r) + (dq, dr) with r, dr < L needs at most one wrap. Loads and sub-tiles are visited in order (0, 1, 2,
@@ -330,16 +346,11 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             q++;
         }
     };
-#endif
     auto load_depth = [&](int it, int buf) {
         T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
-#if MODA_HOPPER_DEPTH_NODIV
         const int q0 = ldq, r0 = ldr;
         adv(ldq, ldr, dkq, dkr);
         int eq = lq0, er = lr0; /* (q, r) of this lane's row rl */
-#else
-        const int q0 = (it * DK) / L, r0 = it * DK - q0 * L;
-#endif
 #pragma unroll
         for (int ci = 0; ci < DK * CH / 32; ci++) {
             const int c = lane + ci * 32;
@@ -348,20 +359,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             const bool ok = kx < nkeys;
             const T *ks = kdb, *vs = vdb;
             if (ok) {
-#if MODA_HOPPER_DEPTH_NODIV
                 const int x = r0 + er, w = x >= L ? 1 : 0; /* r0 + rl = (eq + w) * L + (x - w * L) */
                 const int64_t tok = u0 + q0 + eq + w, slot = p.d0 + (x - w * L);
-#else
-                const int x = r0 + rl;
-                const int dx = L >= DK ? (x >= L ? 1 : 0) : x / L;
-                const int64_t tok = u0 + q0 + dx, slot = p.d0 + (x - dx * L);
-#endif
                 ks = kdb + tok * p.kds[1] + slot * p.kds[2] + cc * 8;
                 vs = vdb + tok * p.vds[1] + slot * p.vds[2] + cc * 8;
             }
-#if MODA_HOPPER_DEPTH_NODIV
             adv(eq, er, lsq, lsr);
-#endif
             moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
             moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
         }
@@ -372,17 +375,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         __syncwarp();
         const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
-#if MODA_HOPPER_DEPTH_NODIV
         const int q0 = stq, r0 = str;
         adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
         const int tok_lo = u0 + q0;
         /* the last key's token: the list ends with token wt1 (nkeys = (wt1 - u0 + 1) * L); otherwise key
          * kx0 + DK - 1 is in the token of key kx0 + DK unless that one starts a token */
         const int tok_hi = kx0 + DK >= nkeys ? wt1 : u0 + (str == 0 ? stq - 1 : stq);
-#else
-        const int tok_lo = u0 + kx0 / L;
-        const int tok_hi = u0 + (min(kx0 + DK, nkeys) - 1) / L;
-#endif
         /* a sub-tile whose tokens none of the warp's rows see is skipped (only possible in chunk mode) */
         if (tok_hi >= hrow_lo(wt0, p.chunk, p.C) && tok_lo <= wt1) {
             float s[DK / 8][4];
@@ -409,28 +407,20 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                     moda_mma<T>::run(s[2 * n2 + 1], qf, kf[2], kf[3]);
                 }
             }
-#if MODA_HOPPER_DEPTH_NODIV
             int nq = q0 + cq0, nr = r0 + cr0; /* (q, r) of key kx0 + 2 * (lane % 4), relative to u0 */
             if (nr >= L) {
                 nr -= L;
                 nq++;
             }
-#else
-            const int q0 = kx0 / L, r0 = kx0 - q0 * L;
-#endif
 #pragma unroll
             for (int n = 0; n < DK / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int col = n * 8 + 2 * (lane & 3) + e;
-#if MODA_HOPPER_DEPTH_NODIV
                     int cq = nq, cr = nr;
                     if (e) adv(cq, cr, L == 1 ? 1 : 0, L == 1 ? 0 : 1);
                     if (e == 1 && n + 1 < DK / 8) adv(nq, nr, c8q, c8r);
                     const int ctok = u0 + cq;
-#else
-                    const int ctok = u0 + q0 + (r0 + col) / L;
-#endif
                     const bool cok = kx0 + col < nkeys;
 #pragma unroll
                     for (int i = 0; i < 2; i++)
@@ -440,10 +430,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
 #pragma unroll
             for (int kk = 0; kk < DK / 16; kk++) {
                 uint32_t pf[4];
-                pf[0] = moda_dt<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-                pf[1] = moda_dt<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-                pf[2] = moda_dt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pf[3] = moda_dt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                hop_pack_a<T>(pf, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
                 for (int n2 = 0; n2 < D / 16; n2++) {
                     uint32_t vf[4];
@@ -466,22 +453,18 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         moda_cp_async_commit();
     }
     int dnext = 0;
-#if MODA_HOPPER_DEPTH_FIRST || MODA_HOPPER_OVERLAP
-    /* Variant (v1's order): the whole depth part before the sequence loop, so the loop's code carries no depth
-     * sub-tile (docs/cuda_hopper_notes.md: "Validation run"). The overlapped loop (OVL) always takes it. */
-    constexpr bool OVL = MODA_HOPPER_OVERLAP && STAGES >= 3;
-    if constexpr (MODA_HOPPER_DEPTH_FIRST || OVL)
+    /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3 */
+    constexpr bool OVL = STAGES >= 3;
+    if constexpr (OVL)
         while (dnext < nd) depth_step(dnext++);
-#endif
 
     /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
-    const int tg0 = min(Rg0, NR - 1) / G, tg1 = min(Rg0 + 63, NR - 1) / G;
+    const int tg1 = min(Rg0 + 63, NR - 1) / G;
     const int tw0 = min(Rw0, NR - 1) / G;
     const bool gvalid = Rg0 < NR;
     const uint32_t qaddr = moda_smem_addr(sQ) + 64 * cwg * 128;
-    /* sequence tiles this warpgroup computes (causal: up to its last token); the depth sub-tiles ride on them */
+    /* sequence tiles this warpgroup computes (causal: up to its last token) */
     const int nact = !gvalid ? 0 : p.causal ? min(ntiles, tg1 / HOP_BN + 1) : ntiles;
-#if MODA_HOPPER_OVERLAP
     if constexpr (OVL) {
         /* Intra-warpgroup overlap (FA3's scheme with one S accumulator set): per active tile j > first,
          *   wait full[j]; fence; S = Q*K_j^T (group A); O += P_{j-1}*V_{j-1} (group B, P packed in pf);
@@ -492,77 +475,36 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
          * (causal: up to the group's last token), the rest are waited for and released as before. The depth part ran
          * before, so no depth code sits in this loop. Each tile holds its stage until the NEXT tile's iteration
          * (V_{j-1} is read while K_j is), so the producer runs only STAGES - 2 tiles ahead: hence STAGES >= 3. */
+        /* (a lambda local to this branch: defined for both branches, nvcc 13.0 reordered two independent integer
+         * updates in the d = 128 depth loads, a PTX change against the validated build) */
+        auto kaddr_of = [&](int stg) { return moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES); };
         float s[HOP_BN / 8][4];
         uint32_t pf[HOP_BN / 16][4];
-        auto issue_qk = [&](int stg) {
-            const uint32_t kaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const uint32_t off = (kk & 3) * 32; /* k16 step inside the 128-byte row */
-                const uint64_t da = moda_sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
-                const uint64_t db = moda_sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
-                hop_mma<T>::qk(s, da, db, kk > 0);
-            }
-            moda_wg_commit();
-        };
-        auto issue_pv = [&](int stg) {
-            const uint32_t vaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES) + TR::TILE_BYTES;
-#pragma unroll
-            for (int kk = 0; kk < HOP_BN / 16; kk++)
-#pragma unroll
-                for (int hh = 0; hh < NH; hh++)
-                    hop_mma<T>::pv(o[hh], pf[kk], moda_sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
-            moda_wg_commit();
-        };
-        auto mask_s = [&](int j0) {
-            const bool need_mask = p.causal ? (j0 + HOP_BN - 1 > tw0) : (j0 + HOP_BN > jend);
-            if (need_mask) {
-#pragma unroll
-                for (int n = 0; n < HOP_BN / 8; n++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int j = j0 + n * 8 + 2 * (lane & 3) + e;
-#pragma unroll
-                        for (int i = 0; i < 2; i++)
-                            if (!(j < jend && (!p.causal || j <= trow[i]))) s[n][2 * i + e] = -INFINITY;
-                    }
-            }
-        };
-        auto pack_p = [&]() {
-#pragma unroll
-            for (int kk = 0; kk < HOP_BN / 16; kk++) {
-                pf[kk][0] = moda_dt<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-                pf[kk][1] = moda_dt<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-                pf[kk][2] = moda_dt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pf[kk][3] = moda_dt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
-        };
         if (nact > 0) {
             /* first tile: nothing to overlap with; o may hold the depth part, rescaled as usual */
             moda_mbar_wait(bar_full, 0);
-#pragma unroll
-            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
+            hop_fence_o(o);
             moda_wg_fence();
-            issue_qk(0);
+            hop_issue_qk<T, D>(s, qaddr, kaddr_of(0));
             moda_wg_wait<0>();
             moda_reg_fence(s);
-            mask_s(0);
+            hop_mask_s(s, 0, p, jend, tw0, trow, lane);
             hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
-            pack_p();
+            hop_pack_p<T>(pf, s);
             for (int it = 1; it < nact; it++) {
                 const int stg = it % STAGES, pstg = (it - 1) % STAGES;
                 moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
-#pragma unroll
-                for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
+                hop_fence_o(o);
                 reg_fence_u(pf);
                 moda_wg_fence(); /* orders the register writes to s, o and pf above before both groups */
-                issue_qk(stg);
-                issue_pv(pstg);
+                hop_issue_qk<T, D>(s, qaddr, kaddr_of(stg));
+                hop_issue_pv<T, NH>(o, pf, kaddr_of(pstg) + TR::TILE_BYTES);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); /* S done, P*V may run on */
                 moda_reg_fence(s);
-                mask_s(it * HOP_BN);
+                hop_mask_s(s, it * HOP_BN, p, jend, tw0, trow, lane);
                 float alpha[2];
-                hop_softmax_noscale<HOP_BN / 8>(s, m, l, sl, alpha);
+#pragma unroll
+                for (int i = 0; i < 2; i++) hop_softmax_row(s, m, l, sl, i, alpha[i]);
                 /* Scheduling anchor (checked in the SASS with nvcc 13.0): ptxas hoists WARPGROUP.DEPBAR (the wait
                  * below) above plain arithmetic, which would put the whole softmax after the P*V wait and undo the
                  * overlap, but it keeps the wait after a shared-memory store. So store a value that depends on every
@@ -571,30 +513,20 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 const float lsum2 = l[0] + l[1];
                 asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(moda_smem_addr(sD) + 4 * lane), "f"(lsum2) : "memory");
                 moda_wg_wait<0>();
-#pragma unroll
-                for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
+                hop_fence_o(o);
                 reg_fence_u(pf);
                 moda_mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
 #pragma unroll
-                for (int i = 0; i < 2; i++)
-#pragma unroll
-                    for (int hh = 0; hh < NH; hh++)
-#pragma unroll
-                        for (int n = 0; n < 8; n++) {
-                            o[hh][n][2 * i] *= alpha[i];
-                            o[hh][n][2 * i + 1] *= alpha[i];
-                        }
-                pack_p();
+                for (int i = 0; i < 2; i++) hop_rescale_row(o, i, alpha[i]);
+                hop_pack_p<T>(pf, s);
             }
             const int lstg = (nact - 1) % STAGES;
-#pragma unroll
-            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
+            hop_fence_o(o);
             reg_fence_u(pf);
             moda_wg_fence();
-            issue_pv(lstg);
+            hop_issue_pv<T, NH>(o, pf, kaddr_of(lstg) + TR::TILE_BYTES);
             moda_wg_wait<0>();
-#pragma unroll
-            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
+            hop_fence_o(o);
             reg_fence_u(pf);
             moda_mbar_arrive(bar_empty + 8 * lstg);
         }
@@ -604,73 +536,39 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             moda_mbar_arrive(bar_empty + 8 * stg);
         }
     } else {
-#endif
-    for (int it = 0; it < ntiles; it++) {
-        const int stg = it % STAGES;
-        const uint32_t par = (uint32_t)((it / STAGES) & 1);
-        const int j0 = it * HOP_BN;
-        moda_mbar_wait(bar_full + 8 * stg, par);
-        /* warpgroup-uniform: tiles entirely after the group's last token hold nothing for it */
-        if (gvalid && !(p.causal && j0 > tg1)) {
-            const uint32_t kaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
-            const uint32_t vaddr = kaddr + TR::TILE_BYTES;
-            float s[HOP_BN / 8][4];
-            moda_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const uint32_t off = (kk & 3) * 32; /* k16 step inside the 128-byte row */
-                const uint64_t da = moda_sdesc(qaddr + (kk >> 2) * HOP_BM * 128 + off);
-                const uint64_t db = moda_sdesc(kaddr + (kk >> 2) * HOP_BN * 128 + off);
-                hop_mma<T>::qk(s, da, db, kk > 0);
+        /* d = 128 (2 stages): one tile at a time, each product waited for before its consumer; the depth
+         * sub-tiles ride on the active tiles (after each tile's release, spread evenly; the rest after the loop) */
+        for (int it = 0; it < ntiles; it++) {
+            const int stg = it % STAGES;
+            const uint32_t par = (uint32_t)((it / STAGES) & 1);
+            const int j0 = it * HOP_BN;
+            moda_mbar_wait(bar_full + 8 * stg, par);
+            /* warpgroup-uniform: tiles entirely after the group's last token hold nothing for it */
+            if (gvalid && !(p.causal && j0 > tg1)) {
+                const uint32_t kaddr = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
+                const uint32_t vaddr = kaddr + TR::TILE_BYTES;
+                float s[HOP_BN / 8][4];
+                moda_wg_fence();
+                hop_issue_qk<T, D>(s, qaddr, kaddr);
+                moda_wg_wait<0>();
+                moda_reg_fence(s);
+                hop_mask_s(s, j0, p, jend, tw0, trow, lane);
+                hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
+                uint32_t pf[HOP_BN / 16][4];
+                hop_pack_p<T>(pf, s);
+                hop_fence_o(o);
+                moda_wg_fence();
+                hop_issue_pv<T, NH>(o, pf, vaddr);
+                moda_wg_wait<0>();
+                hop_fence_o(o);
             }
-            moda_wg_commit();
-            moda_wg_wait<0>();
-            moda_reg_fence(s);
-            const bool need_mask = p.causal ? (j0 + HOP_BN - 1 > tw0) : (j0 + HOP_BN > jend);
-            if (need_mask) {
-#pragma unroll
-                for (int n = 0; n < HOP_BN / 8; n++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int j = j0 + n * 8 + 2 * (lane & 3) + e;
-#pragma unroll
-                        for (int i = 0; i < 2; i++)
-                            if (!(j < jend && (!p.causal || j <= trow[i]))) s[n][2 * i + e] = -INFINITY;
-                    }
+            moda_mbar_arrive(bar_empty + 8 * stg);
+            if (it < nact) {
+                const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
+                while (dnext < upto) depth_step(dnext++);
             }
-            hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
-            uint32_t pf[HOP_BN / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < HOP_BN / 16; kk++) {
-                pf[kk][0] = moda_dt<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-                pf[kk][1] = moda_dt<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-                pf[kk][2] = moda_dt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pf[kk][3] = moda_dt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
-            moda_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HOP_BN / 16; kk++)
-#pragma unroll
-                for (int hh = 0; hh < NH; hh++)
-                    hop_mma<T>::pv(o[hh], pf[kk], moda_sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
-            moda_wg_commit();
-            moda_wg_wait<0>();
-#pragma unroll
-            for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
         }
-        moda_mbar_arrive(bar_empty + 8 * stg);
-#if !MODA_HOPPER_DEPTH_FIRST
-        if (it < nact) {
-            const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
-            while (dnext < upto) depth_step(dnext++);
-        }
-#endif
     }
-#if MODA_HOPPER_OVERLAP
-    }
-#endif
     while (dnext < nd) depth_step(dnext++);
     moda_cp_async_wait<0>();
 
