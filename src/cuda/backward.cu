@@ -492,14 +492,16 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     if (mma) {
         cudaError_t e;
         if (fused_warps) {
-            /* MODA_CUDA_BWD_HOPPER=1: the sm_90a draft (backward_hopper.cu) in place of the mma.sync pass */
+            /* the sm_90a pass (backward_hopper.cu) in place of the mma.sync one where it applies */
             const int hopper = bw_hopper_use(p, &bp);
             bw_last_path = hopper ? "hopper" : bp.deterministic ? "fused-ordered" : "fused";
             e = hopper ? bw_launch_hopper(&bp, st) : bw_launch_mma_fused(&bp, st);
             if (e == cudaSuccess) e = bw_launch_dq_finish(&bp, st);
         } else {
-            bw_last_path = "twopass";
-            e = bw_launch_mma_dkdv(&bp, st);
+            /* MODA_CUDA_BWD_HOPPER_DKDV=1: dK, dV by the sm_90a kernel's dK/dV-only form (still deterministic) */
+            const int hopper_dkdv = bw_hopper_dkdv_use(p, &bp);
+            bw_last_path = hopper_dkdv ? "hopper-dkdv" : "twopass";
+            e = hopper_dkdv ? bw_launch_hopper_dkdv(&bp, st) : bw_launch_mma_dkdv(&bp, st);
             if (e == cudaSuccess) e = bw_launch_mma_dq(&bp, st);
         }
         if (e != cudaSuccess)
@@ -516,6 +518,7 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     return bw_check_launch("the dQ kernel");
 }
 
-/* Private hook (not in moda.h; tests declare it): "hopper", "fused", "fused-ordered", "twopass" or "generic" for
- * the kernels the last backward on this thread ran ("none" before any). */
+/* Private hook (not in moda.h; tests declare it): "hopper", "fused", "fused-ordered", "twopass", "hopper-dkdv"
+ * (the two passes with dK/dV from the sm_90a kernel) or "generic" for the kernels the last backward on this
+ * thread ran ("none" before any). */
 extern "C" MODA_API const char *moda_testing_cuda_last_backward(void) { return bw_last_path; }

@@ -4,6 +4,8 @@
  * red.global.add; the preprocess (Delta), the depth stage and bw_dq_finish_kernel stay the existing ones.
  * The default there on compute capability 9.x (backward.cu's hook, bw_hopper_use; MODA_CUDA_BWD_HOPPER=0 turns it
  * off); the design record and its first measurements are in docs/cuda_backward_notes.md, "Hopper backward".
+ * A second instantiation (bw_hopper_dkdv_kernel, DQ = false) computes dK and dV only, for the deterministic
+ * two-pass path behind MODA_CUDA_BWD_HOPPER_DKDV=1: no dS^T tile, no dQ barrier, no atomics.
  *
  * CTA = 3 warpgroups and 128 keys (j0 .. j0+127) of one (b, h); d = dv in {64, 128}; the query rows
  * R = t*G + g of that head that see the keys are walked in steps of BM = 64 rows (d = 128: 32, so that dK and
@@ -31,6 +33,14 @@
 #include "backward_hopper.cuh"
 #include "hopper_common.cuh"
 
+/* MODA_HB_OVERLAP (compile time, default 0; not yet run on a GPU): the consumers issue step it+1's S^T, dP^T
+ * groups before step it's dV/dK group and wait for each group only where its result is needed (FA3's
+ * intra-warpgroup overlap; hb_consumer). 1: d = 64 only; 2: d = 128 as well. With 0 the generated code is the
+ * serial loop's, unchanged. */
+#ifndef MODA_HB_OVERLAP
+#define MODA_HB_OVERLAP 0
+#endif
+
 #include <math.h>
 #include <stdlib.h>
 
@@ -39,11 +49,14 @@ namespace {
 constexpr int HB_BN = 128;      /* keys per CTA: 2 consumer warpgroups x 64 */
 constexpr int HB_STAGES = 4;    /* Q/dO ring depth */
 constexpr int HB_THREADS = 384; /* producer warpgroup + 2 consumer warpgroups */
+#if MODA_HB_OVERLAP
+template <int D> constexpr bool HB_OVL = D == 64 || MODA_HB_OVERLAP >= 2; /* the overlapped loop */
+#endif
 
 /* d = dv = D (64 or 128); rows per step BM = 64 (d = 64) or 32 (d = 128: dK, dV take 128 accumulator
  * registers, so S^T, dP^T shrink to m64n32). Tiles of D columns are NH halves of 64 columns (128-byte rows,
  * 128B swizzle), each half a contiguous [rows][64] block, as the forward stores d = 128. */
-template <int D_> struct hb_traits {
+template <int D_, bool DQ_ = true> struct hb_traits {
     static constexpr int D = D_, NH = D / 64;
     static constexpr int BM = D == 64 ? 64 : 32;
     static constexpr int LDS = BM + 8;                   /* dS^T rows [key][BM], padded (ldmatrix only) */
@@ -55,7 +68,7 @@ template <int D_> struct hb_traits {
     /* K at 0, V at KV_BYTES; every wgmma tile starts on a 1024-byte boundary */
     static constexpr int OFF_RING = 2 * KV_BYTES;
     static constexpr int OFF_DS = OFF_RING + HB_STAGES * STAGE_BYTES;
-    static constexpr int OFF_STAT = OFF_DS + 2 * DS_BYTES;
+    static constexpr int OFF_STAT = OFF_DS + (DQ_ ? 2 * DS_BYTES : 0); /* the dK/dV-only form has no dS^T tile */
     static constexpr size_t SMEM = 1024 + (size_t)OFF_STAT + (size_t)HB_STAGES * STAT_BYTES;
     static_assert(NH * 64 == D && BM * (D / 8) == 512, "4 16-byte chunks per producer thread");
 };
@@ -125,6 +138,14 @@ template <> struct hb_mma<__half> {
     }
 };
 
+/* moda_reg_fence for the packed A fragments (kept live, untouched, while a wgmma reads them) */
+template <int N> __device__ __forceinline__ void hb_reg_fence_u(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[i][e])::"memory");
+}
+
 /* dst[0..1] += (x, y) in fp32 at the L2, no return value (backward_mma.cu's bw_red2, sm_90 form). */
 __device__ __forceinline__ void hb_red2(float *dst, float x, float y) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(x), "f"(y) : "memory");
@@ -137,10 +158,10 @@ template <int D> __device__ __forceinline__ int hb_tile_off(int rows, int row, i
 }
 
 /* Producer warpgroup: gathers the Q and dO rows of every step into the ring (see the file comment). */
-template <typename E, int D>
+template <typename E, int D, bool DQ>
 __device__ __forceinline__ void hb_producer(const bw_params &p, unsigned char *base, uint32_t bar_full,
                                             uint32_t bar_empty, int64_t b, int64_t h, int rbeg, int nsteps) {
-    typedef hb_traits<D> TR;
+    typedef hb_traits<D, DQ> TR;
     constexpr int BM = TR::BM, CH = D / 8;
     const int pt = threadIdx.x; /* 0..127 */
     const int G = (int)p.G, nrows = (int)(p.T * p.G);
@@ -196,11 +217,11 @@ __device__ __forceinline__ void hb_producer(const bw_params &p, unsigned char *b
     }
 }
 
-template <typename E, int D>
+template <typename E, int D, bool DQ>
 __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *base, uint32_t bar_full,
                                             uint32_t bar_empty, int cwg, int64_t b, int64_t h, int j0, int rbeg,
                                             int nsteps) {
-    typedef hb_traits<D> TR;
+    typedef hb_traits<D, DQ> TR;
     constexpr int BM = TR::BM, NH = TR::NH, LDS = TR::LDS, CH = D / 8, NB = BM / 8, KB = BM / 16;
     constexpr int MTQ = BM / 16, CQ = D / (8 / MTQ); /* dQ: 8 warps as MTQ row tiles x (8 / MTQ) column tiles */
     static_assert(CQ == 32, "dQ warp tiles of 16 rows x 32 columns");
@@ -243,6 +264,203 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
     const float sl = p.scale_log2;
     const int qm0 = (cw % MTQ) * 16, qc0 = (cw / MTQ) * CQ; /* this warp's dQ piece: 16 rows x 32 columns */
 
+#if MODA_HB_OVERLAP
+    if constexpr (HB_OVL<D>) {
+        /* The pieces of a step, as the serial loop below has them (written out there, so that its generated code
+         * stays as shipped): stage stg's Q tile (dO follows it) and stats (lse2 | Delta | token). */
+        auto q_addr = [&](int stg) { return moda_smem_addr(base + TR::OFF_RING + stg * TR::STAGE_BYTES); };
+        auto stats = [&](int stg) {
+            return reinterpret_cast<const float *>(base + TR::OFF_STAT + stg * TR::STAT_BYTES);
+        };
+        float s[NB][4], dp[NB][4];
+        uint32_t pf[KB][4], df[KB][4];
+        /* S^T = K Q^T (group 1), dP^T = V dO^T (group 2), m64nBMk16: k16 step kk is half kk / 4 and a 32-byte
+         * offset inside its swizzled 128-byte rows, as the forward's Q K^T */
+        auto issue_s_dp = [&](uint32_t qaddr) {
+            const uint32_t doaddr = qaddr + TR::ROW_BYTES;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                hb_mma<E>::ss(s, moda_sdesc(kaddr + (kk >> 2) * HB_BN * 128 + (kk & 3) * 32),
+                              moda_sdesc(qaddr + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+            moda_wg_commit();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                hb_mma<E>::ss(dp, moda_sdesc(vaddr + (kk >> 2) * HB_BN * 128 + (kk & 3) * 32),
+                              moda_sdesc(doaddr + (kk >> 2) * BM * 128 + (kk & 3) * 32), kk > 0);
+            moda_wg_commit();
+        };
+        /* P^T: accumulator (n, 2i+e) is key jlo/jhi (i) against tile row n*8 + 2*(lane&3) + e. The mask is
+         * needed where the warpgroup's keys straddle the diagonal and for keys past T (zero K rows would give
+         * exp2(-lse2) != 0). Warpgroup-uniform. */
+        auto probs = [&](int r0, const float *l2) {
+            const int *tk = reinterpret_cast<const int *>(l2 + 2 * BM);
+            const bool need_mask = (p.causal && r0 / G < kg0 + 63) || kg0 + 64 > T;
+#pragma unroll
+            for (int n = 0; n < NB; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int col = n * 8 + 2 * (lane & 3) + e;
+                    const float lr = l2[col];
+                    const int tok = tk[col];
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        const int j = i ? jhi : jlo;
+                        const float x = bw_exp2(fmaf(s[n][2 * i + e], sl, -lr));
+                        s[n][2 * i + e] = need_mask && (j >= T || (p.causal && j > tok)) ? 0.f : x;
+                    }
+                }
+        };
+        /* dS^T = P^T (dP^T - Delta), in place in dp */
+        auto dsig = [&](const float *l2) {
+            const float *dl = l2 + BM;
+#pragma unroll
+            for (int n = 0; n < NB; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float dr = dl[n * 8 + 2 * (lane & 3) + e];
+#pragma unroll
+                    for (int i = 0; i < 2; i++) dp[n][2 * i + e] = s[n][2 * i + e] * (dp[n][2 * i + e] - dr);
+                }
+        };
+        /* A fragments (k16 step kk over the step's rows): the forward's P packing */
+        auto pack = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < KB; kk++) {
+                pf[kk][0] = moda_dt<E>::pack2(s[2 * kk][0], s[2 * kk][1]);
+                pf[kk][1] = moda_dt<E>::pack2(s[2 * kk][2], s[2 * kk][3]);
+                pf[kk][2] = moda_dt<E>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pf[kk][3] = moda_dt<E>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                df[kk][0] = moda_dt<E>::pack2(dp[2 * kk][0], dp[2 * kk][1]);
+                df[kk][1] = moda_dt<E>::pack2(dp[2 * kk][2], dp[2 * kk][3]);
+                df[kk][2] = moda_dt<E>::pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+                df[kk][3] = moda_dt<E>::pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+            }
+        };
+        /* dS^T -> shared [key][row] (buffer it & 1, rows padded by 8 elements: the 8 keys x 4 lanes of one
+         * 32-bit store hit 32 distinct banks), before the wgmma that reads df is issued */
+        auto ds_buf = [&](int it) { return reinterpret_cast<E *>(base + TR::OFF_DS + (it & 1) * TR::DS_BYTES); };
+        auto store_ds = [&](E *dsb) {
+            E *dst = dsb + (64 * cwg + 16 * ww + (lane >> 2)) * LDS + 2 * (lane & 3);
+#pragma unroll
+            for (int kk = 0; kk < KB; kk++) {
+                *reinterpret_cast<uint32_t *>(dst + kk * 16) = df[kk][0];
+                *reinterpret_cast<uint32_t *>(dst + 8 * LDS + kk * 16) = df[kk][1];
+                *reinterpret_cast<uint32_t *>(dst + kk * 16 + 8) = df[kk][2];
+                *reinterpret_cast<uint32_t *>(dst + 8 * LDS + kk * 16 + 8) = df[kk][3];
+            }
+        };
+        auto fence_dkdv = [&]() {
+#pragma unroll
+            for (int hh = 0; hh < NH; hh++) {
+                moda_reg_fence(dv[hh]);
+                moda_reg_fence(dk[hh]);
+            }
+        };
+        /* dV += P^T dO, dK += dS^T Q (one group): B = each 64-column half of the [row][D] tile as the MN-major
+         * operand, k16 step = 16 rows = 2048 bytes (the forward's P V) */
+        auto issue_dv_dk = [&](uint32_t qaddr) {
+            const uint32_t doaddr = qaddr + TR::ROW_BYTES;
+#pragma unroll
+            for (int kk = 0; kk < KB; kk++)
+#pragma unroll
+                for (int hh = 0; hh < NH; hh++)
+                    hb_mma<E>::rs(dv[hh], pf[kk], moda_sdesc(doaddr + hh * BM * 128 + kk * 16 * 128));
+#pragma unroll
+            for (int kk = 0; kk < KB; kk++)
+#pragma unroll
+                for (int hh = 0; hh < NH; hh++)
+                    hb_mma<E>::rs(dk[hh], df[kk], moda_sdesc(qaddr + hh * BM * 128 + kk * 16 * 128));
+            moda_wg_commit();
+        };
+        /* dQ(BM rows x D) = dS K over the CTA's 128 keys; both warpgroups' dS^T are in dsb after the barrier.
+         * One barrier per step suffices: buffer it & 1 is rewritten at step it + 2, after every consumer has
+         * passed step it + 1's barrier, i.e. finished reading it at step it. */
+        auto dq_step = [&](int r0, E *dsb) {
+            hb_bar_consumers(2);
+            float dq[4][4];
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dq[n][e] = 0.f;
+#pragma unroll
+            for (int kt = 0; kt < HB_BN / 16; kt++) {
+                uint32_t a[4];
+                moda_ldmatrix_x4_trans(
+                    a, moda_smem_addr(dsb + (kt * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * LDS + qm0 +
+                                      ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int np = 0; np < 2; np++) {
+                    uint32_t r[4];
+                    moda_ldmatrix_x4_trans(r, moda_smem_addr(sK + hb_tile_off<D>(HB_BN, kt * 16 + (lane & 15),
+                                                                                 qc0 + np * 16 + (lane >> 4) * 8)));
+                    moda_mma<E>::run(dq[2 * np], a, r[0], r[1]);
+                    moda_mma<E>::run(dq[2 * np + 1], a, r[2], r[3]);
+                }
+            }
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int R = r0 + qm0 + (lane >> 2) + half * 8;
+                if (R >= nrows) continue;
+                const int t = R / G, g = R - t * G;
+                float *row = p.dqacc + bw_row(p, b, t, h, g) * D + qc0 + (lane & 3) * 2;
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++)
+                    hb_red2(row + nt * 8, dq[nt][half * 2] * p.scale, dq[nt][half * 2 + 1] * p.scale);
+            }
+        };
+        /* Intra-warpgroup overlap (FA3's scheme): step it issues S^T(it), dP^T(it) and then dV/dK(it-1) (P^T, dS^T
+         * of the previous step, still in pf/df), and runs the previous step's dQ part (barrier, mma.sync, red)
+         * while the three groups are on the tensor cores; then the exponentials of step it while dP^T(it) and
+         * dV/dK(it-1) are, dS while dV/dK(it-1) is. Every group is issued and waited for inside one iteration
+         * (accumulators carried across the loop's back edge while a group writes them make ptxas serialise the
+         * wgmmas: C7515); only the packed pf/df cross it. A stage is released once dV/dK of its step has
+         * completed (one step later than the serial loop), so the producer runs up to HB_STAGES - 2 steps
+         * ahead. The dS^T buffers stay correct: buffer (it-1) & 1 is read after barrier it-1 (in step it) and
+         * rewritten by step it+1 after barrier it, which every consumer passes only after those reads. */
+#pragma unroll
+        for (int kk = 0; kk < KB; kk++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) pf[kk][e] = df[kk][e] = 0u;
+        for (int it = 0; it < nsteps; it++) {
+            const int stg = it % HB_STAGES, pstg = (it + HB_STAGES - 1) % HB_STAGES;
+            const int r0 = rbeg + it * BM;
+            const float *l2 = stats(stg);
+            moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / HB_STAGES) & 1));
+            fence_dkdv();
+            moda_wg_fence(); /* orders the register writes to s, dp, pf, df, dk, dv before the groups */
+            issue_s_dp(q_addr(stg));
+            /* step 0: pf = df = 0 on stage 0's (full) tiles, adding exact zeros, in place of dV/dK(-1): no
+             * branch around a wgmma (ptxas would merge the accumulators behind it while the group runs) */
+            issue_dv_dk(q_addr(it > 0 ? pstg : stg));
+            if (DQ && it > 0) dq_step(r0 - BM, ds_buf(it - 1));
+            moda_wg_wait<2>(); /* S^T(it) */
+            moda_reg_fence(s);
+            probs(r0, l2);
+            moda_wg_wait<1>(); /* dP^T(it) */
+            moda_reg_fence(dp);
+            dsig(l2);
+            moda_wg_wait<0>(); /* dV/dK(it-1): pf, df free again, stage it-1 no longer read */
+            fence_dkdv();
+            hb_reg_fence_u(pf);
+            hb_reg_fence_u(df);
+            if (it > 0) moda_mbar_arrive(bar_empty + 8 * pstg);
+            pack();
+            if (DQ) store_ds(ds_buf(it));
+        }
+        if (nsteps > 0) {
+            const int stg = (nsteps - 1) % HB_STAGES;
+            fence_dkdv();
+            moda_wg_fence();
+            issue_dv_dk(q_addr(stg));
+            if (DQ) dq_step(rbeg + (nsteps - 1) * BM, ds_buf(nsteps - 1));
+            moda_wg_wait<0>();
+            fence_dkdv();
+            hb_reg_fence_u(pf);
+            hb_reg_fence_u(df);
+            moda_mbar_arrive(bar_empty + 8 * stg);
+        }
+    } else
+#endif
     for (int it = 0; it < nsteps; it++) {
         const int stg = it % HB_STAGES;
         const int r0 = rbeg + it * BM;
@@ -315,7 +533,7 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
         /* dS^T -> shared [key][row] (buffer it & 1, rows padded by 8 elements: the 8 keys x 4 lanes of one
          * 32-bit store hit 32 distinct banks), before the wgmma that reads df is issued */
         E *dsb = reinterpret_cast<E *>(base + TR::OFF_DS + (it & 1) * TR::DS_BYTES);
-        {
+        if (DQ) {
             E *dst = dsb + (64 * cwg + 16 * ww + (lane >> 2)) * LDS + 2 * (lane & 3);
 #pragma unroll
             for (int kk = 0; kk < KB; kk++) {
@@ -351,6 +569,7 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
             moda_reg_fence(dk[hh]);
         }
         moda_mbar_arrive(bar_empty + 8 * stg); /* Q, dO and the stats of this stage are no longer read */
+        if (!DQ) continue; /* dK/dV only: dQ is the deterministic row-block pass's (bw_launch_mma_dq) */
 
         /* dQ(BM rows x D) = dS K over the CTA's 128 keys; both warpgroups' dS^T are in dsb after the barrier.
          * One barrier per step suffices: buffer it & 1 is rewritten at step it + 2, after every consumer has
@@ -408,18 +627,14 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
     }
 }
 
-#endif /* sm_90a */
-
-/* grid (key blocks, Hk, B). Static shared memory (the mbarriers) only in the sm_90a body: the host's probe. */
-template <typename E, int D>
-__global__ void __launch_bounds__(HB_THREADS, 1) bw_hopper_kernel(const __grid_constant__ bw_params p) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    __shared__ __align__(8) uint64_t bars[2 * HB_STAGES];
-    extern __shared__ unsigned char smem_raw[];
+/* The CTA (see the file comment); DQ = false: the dK/dV-only form of the deterministic two-pass path (no dS^T
+ * tile, no dQ barrier, no atomics: every dK/dV element is written by the one CTA that owns its key). */
+template <typename E, int D, bool DQ>
+__device__ __forceinline__ void hb_cta(const bw_params &p, uint64_t *bars, unsigned char *smem_raw) {
     unsigned char *base =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
     const uint32_t bar_full = moda_smem_addr(&bars[0]), bar_empty = moda_smem_addr(&bars[HB_STAGES]);
-    constexpr int BM = hb_traits<D>::BM;
+    constexpr int BM = hb_traits<D, DQ>::BM;
     const int G = (int)p.G, nrows = (int)(p.T * p.G);
     /* causal: the early key blocks see the most rows and start first */
     const int j0 = (int)blockIdx.x * HB_BN;
@@ -439,48 +654,71 @@ __global__ void __launch_bounds__(HB_THREADS, 1) bw_hopper_kernel(const __grid_c
     const int wg = threadIdx.x >> 7;
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-        hb_producer<E, D>(p, base, bar_full, bar_empty, b, h, rbeg, nsteps);
+        hb_producer<E, D, DQ>(p, base, bar_full, bar_empty, b, h, rbeg, nsteps);
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
-        hb_consumer<E, D>(p, base, bar_full, bar_empty, wg - 1, b, h, j0, rbeg, nsteps);
+        hb_consumer<E, D, DQ>(p, base, bar_full, bar_empty, wg - 1, b, h, j0, rbeg, nsteps);
     }
+}
+
+#endif /* sm_90a */
+
+/* grid (key blocks, Hk, B). Static shared memory (the mbarriers) only in the sm_90a body: the host's probe. */
+template <typename E, int D>
+__global__ void __launch_bounds__(HB_THREADS, 1) bw_hopper_kernel(const __grid_constant__ bw_params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __shared__ __align__(8) uint64_t bars[2 * HB_STAGES];
+    extern __shared__ unsigned char smem_raw[];
+    hb_cta<E, D, true>(p, bars, smem_raw);
 #endif
+}
+/* dK, dV only (MODA_CUDA_BWD_HOPPER_DKDV=1 in the two-pass path); same grid, same probe. */
+template <typename E, int D>
+__global__ void __launch_bounds__(HB_THREADS, 1) bw_hopper_dkdv_kernel(const __grid_constant__ bw_params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __shared__ __align__(8) uint64_t bars[2 * HB_STAGES];
+    extern __shared__ unsigned char smem_raw[];
+    hb_cta<E, D, false>(p, bars, smem_raw);
+#endif
+}
+
+typedef void (*hb_kernel_fn)(bw_params);
+/* The full pass (DQ) or the dK/dV-only one. */
+template <typename E, int D, bool DQ> hb_kernel_fn hb_kernel(void) {
+    return DQ ? bw_hopper_kernel<E, D> : bw_hopper_dkdv_kernel<E, D>;
 }
 
 /* Whether the loaded image is the sm_90a body (forward_hopper.cu's probe): binary version 9.x and the
  * mbarriers' static shared memory. Once per process and instantiation. */
-template <typename E, int D> int hb_probe(void) {
+template <typename E, int D, bool DQ> int hb_probe(void) {
     cudaFuncAttributes fa;
-    if (cudaFuncGetAttributes(&fa, bw_hopper_kernel<E, D>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&fa, hb_kernel<E, D, DQ>()) != cudaSuccess) {
         moda_cuda_clear_error();
         return 0;
     }
     return fa.binaryVersion >= 90 && fa.binaryVersion < 100 && fa.sharedSizeBytes >= 2 * HB_STAGES * sizeof(uint64_t);
 }
-template <typename E, int D> int hb_ready(void) {
-    static const int ok = hb_probe<E, D>();
+template <typename E, int D, bool DQ> int hb_ready(void) {
+    static const int ok = hb_probe<E, D, DQ>();
     return ok;
 }
 
-template <typename E, int D> cudaError_t hb_run(const bw_params *bp, cudaStream_t st) {
-    const size_t smem = hb_traits<D>::SMEM;
-    cudaError_t e =
-        cudaFuncSetAttribute(bw_hopper_kernel<E, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+template <typename E, int D, bool DQ> cudaError_t hb_run(const bw_params *bp, cudaStream_t st) {
+    const size_t smem = hb_traits<D, DQ>::SMEM;
+    const hb_kernel_fn k = hb_kernel<E, D, DQ>();
+    cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
     const dim3 grid((unsigned)((bp->T + HB_BN - 1) / HB_BN), (unsigned)bp->Hk, (unsigned)bp->B);
-    bw_hopper_kernel<E, D><<<grid, HB_THREADS, smem, st>>>(*bp);
+    k<<<grid, HB_THREADS, smem, st>>>(*bp);
     return cudaGetLastError();
 }
 
-} // namespace
-
-int bw_hopper_use(const moda_problem *p, const bw_params *bp) {
-    const char *e = getenv("MODA_CUDA_BWD_HOPPER"); /* on unless "0": the switch back to the mma.sync pass */
-    if (e && e[0] == '0') return 0;
+/* The conditions both forms share: f16/bf16, d == dv in {64, 128}, a sequence part, no row split (the split
+ * reduction is backward_mma.cu's), compute capability 9.x with the sm_90a image of this form loaded. */
+template <bool DQ> int hb_usable(const moda_problem *p, const bw_params *bp) {
     if (p->dtype != MODA_F16 && p->dtype != MODA_BF16) return 0;
     if (p->d != p->dv || (p->d != 64 && p->d != 128) || !p->sequence) return 0;
-    /* the fused non-deterministic pass without row splits (the split reduction is backward_mma.cu's) */
-    if (bp->deterministic || bp->dkdv_nsplit > 1 || !bp->dqacc) return 0;
+    if (bp->dkdv_nsplit > 1) return 0;
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
@@ -489,12 +727,32 @@ int bw_hopper_use(const moda_problem *p, const bw_params *bp) {
     }
     if (major != 9) return 0;
     const int bf = p->dtype == MODA_BF16;
-    if (p->d == 64) return bf ? hb_ready<__nv_bfloat16, 64>() : hb_ready<__half, 64>();
-    return bf ? hb_ready<__nv_bfloat16, 128>() : hb_ready<__half, 128>();
+    if (p->d == 64) return bf ? hb_ready<__nv_bfloat16, 64, DQ>() : hb_ready<__half, 64, DQ>();
+    return bf ? hb_ready<__nv_bfloat16, 128, DQ>() : hb_ready<__half, 128, DQ>();
 }
 
-cudaError_t bw_launch_hopper(const bw_params *bp, cudaStream_t st) {
+template <bool DQ> cudaError_t hb_launch(const bw_params *bp, cudaStream_t st) {
     const int bf = bp->q.dtype == MODA_BF16;
-    if (bp->d == 64) return bf ? hb_run<__nv_bfloat16, 64>(bp, st) : hb_run<__half, 64>(bp, st);
-    return bf ? hb_run<__nv_bfloat16, 128>(bp, st) : hb_run<__half, 128>(bp, st);
+    if (bp->d == 64) return bf ? hb_run<__nv_bfloat16, 64, DQ>(bp, st) : hb_run<__half, 64, DQ>(bp, st);
+    return bf ? hb_run<__nv_bfloat16, 128, DQ>(bp, st) : hb_run<__half, 128, DQ>(bp, st);
 }
+
+} // namespace
+
+int bw_hopper_use(const moda_problem *p, const bw_params *bp) {
+    const char *e = getenv("MODA_CUDA_BWD_HOPPER"); /* on unless "0": the switch back to the mma.sync pass */
+    if (e && e[0] == '0') return 0;
+    /* the fused non-deterministic pass */
+    if (bp->deterministic || !bp->dqacc) return 0;
+    return hb_usable<true>(p, bp);
+}
+
+cudaError_t bw_launch_hopper(const bw_params *bp, cudaStream_t st) { return hb_launch<true>(bp, st); }
+
+int bw_hopper_dkdv_use(const moda_problem *p, const bw_params *bp) {
+    const char *e = getenv("MODA_CUDA_BWD_HOPPER_DKDV"); /* off unless "1": not yet run on a GPU */
+    if (!(e && e[0] == '1')) return 0;
+    return hb_usable<false>(p, bp);
+}
+
+cudaError_t bw_launch_hopper_dkdv(const bw_params *bp, cudaStream_t st) { return hb_launch<false>(bp, st); }

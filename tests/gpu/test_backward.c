@@ -8,7 +8,9 @@
  *   - a second run gives bit-identical gradients (deterministic mode).
  * The non-deterministic mode (fp32 atomics for dQ in the fused pass) gets the same comparison against the
  * reference, without the bitwise check. The tensor-core cases also run the kernels the default path
- * replaces, through the process switches of backward_common.cuh.
+ * replaces, through the process switches of backward_common.cuh, and on compute capability 9.x the sm_90a
+ * pass (non-deterministic) and its dK/dV-only form in the deterministic two-pass path
+ * (MODA_CUDA_BWD_HOPPER_DKDV=1, with the bitwise check), each checked to have run.
  * Plus sampled float64 checks on benchmark-sized shapes, and with --bench a timing of the target shapes
  * (MODA_TEST_NONDET=1: in the non-deterministic mode).
  *
@@ -444,7 +446,7 @@ int main(int argc, char **argv) {
     const int ncases = (int)(sizeof grid / sizeof grid[0]);
     const int quick = tu_quick();
     const int hopper = hopper_backward_testable();
-    int hopper_ran = 0, hopper_cases = 0;
+    int hopper_ran = 0, hopper_cases = 0, dkdv_ran = 0, dkdv_cases = 0;
     for (int i = 0; i < ncases; i++) {
         const tu_case *c = &grid[i];
         if (quick && i % 3 != 0) continue;
@@ -487,6 +489,15 @@ int main(int argc, char **argv) {
                 hopper_ran += !strcmp(moda_testing_cuda_last_backward(), "hopper");
                 hopper_cases += 2;
                 unsetenv("MODA_CUDA_BWD_HOPPER");
+                /* its dK/dV-only form in the deterministic two-pass path (MODA_CUDA_BWD_HOPPER_DKDV=1, unsplit),
+                 * both dtypes, overwrite: check_case also runs it twice and compares bit for bit */
+                setenv("MODA_CUDA_BWD_HOPPER_DKDV", "1", 1);
+                check_case(c, MODA_BF16, MODA_BF16, 0, 1, &r);
+                dkdv_ran += !strcmp(moda_testing_cuda_last_backward(), "hopper-dkdv");
+                check_case(c, MODA_F16, MODA_F16, 0, 1, &r);
+                dkdv_ran += !strcmp(moda_testing_cuda_last_backward(), "hopper-dkdv");
+                dkdv_cases += 2;
+                unsetenv("MODA_CUDA_BWD_HOPPER_DKDV");
                 unsetenv("MODA_CUDA_BWD_NOSPLIT");
             }
         }
@@ -495,6 +506,10 @@ int main(int argc, char **argv) {
         printf("gpu_test_backward: the sm_90a backward ran %d of %d Hopper cases\n", hopper_ran, hopper_cases);
         /* the draft takes d = dv in {64, 128} on this grid's tensor-core cases: a silent fallback is a failure */
         TU_CHECK(hopper_ran > 0, "the sm_90a backward never ran (%d cases asked for it)", hopper_cases);
+        /* every case asked for is f16/bf16, d = dv in {64, 128}, unsplit: each must have taken the dK/dV form */
+        printf("gpu_test_backward: the sm_90a dK/dV pass ran %d of %d deterministic cases\n", dkdv_ran, dkdv_cases);
+        TU_CHECK(dkdv_ran == dkdv_cases, "the sm_90a dK/dV pass ran %d of %d cases that asked for it", dkdv_ran,
+                 dkdv_cases);
     }
     if (!quick) {
         /* sampled checks on benchmark-sized problems (S3, and S5's head dim at a shorter T) */
@@ -511,6 +526,12 @@ int main(int argc, char **argv) {
             TU_CHECK(!strcmp(moda_testing_cuda_last_backward(), "hopper"), "the S5-like sampled case did not run the sm_90a backward (%s)",
                      moda_testing_cuda_last_backward());
             unsetenv("MODA_CUDA_BWD_HOPPER");
+            /* deterministic, dK/dV by the sm_90a kernel's dK/dV-only form */
+            setenv("MODA_CUDA_BWD_HOPPER_DKDV", "1", 1);
+            sampled_check(&s5, MODA_BF16, 1, &r);
+            TU_CHECK(!strcmp(moda_testing_cuda_last_backward(), "hopper-dkdv"),
+                     "the S5-like sampled case did not run the sm_90a dK/dV pass (%s)", moda_testing_cuda_last_backward());
+            unsetenv("MODA_CUDA_BWD_HOPPER_DKDV");
         }
         unsetenv("MODA_CUDA_BWD_NOSPLIT");
     }
