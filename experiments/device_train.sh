@@ -4,7 +4,10 @@
 # Logs go to $OUT (the device tool's output folder); a short table is printed last.
 #   STAGES="build parity speed smoke" (default: all), SPEED_STEPS (timed steps per config after 3 warm-up
 #   steps, default 6), PROFILE_STEPS (profiled steps after those, default 2), SMOKE_STEPS (default 120),
-#   ARCH (default 90a).
+#   ARCH (default 90a), SPEED_CONFIGS (names of the speed table's rows to run, default all).
+# Speed rows: <model>_T<seq>_<depth> with the deterministic attention backward (the trainer's default);
+# _nd: --deterministic-attention off (the operator's non-deterministic backward, wgmma on sm_90); _legacy: the
+# first version's scalar element-wise kernels (MODA_GPU_ELEM_LEGACY=1), the same-run baseline of the fused ones.
 set -u
 OUT=${OUT:-/tmp/moda_out}
 mkdir -p "$OUT"
@@ -40,22 +43,35 @@ if has parity; then
     grep -E "gradients|train |checkpoint|FAIL|passed|failed" "$OUT/parity.log" | head -40 | tee -a "$summary"
 fi
 
-# name | model flags | batch | seq
+# name | model flags | batch | seq | environment
+d384="--width 384 --blocks 24 --heads 6 --kv-heads 2 --head-dim 64"
+d768="--width 768 --blocks 12 --heads 12 --kv-heads 4 --head-dim 64"
+nd="--deterministic-attention off"
 speed_configs=(
-  "d384_T4096_none|--width 384 --blocks 24 --heads 6 --kv-heads 2 --head-dim 64 --depth none|8|4096"
-  "d384_T4096_attnffn|--width 384 --blocks 24 --heads 6 --kv-heads 2 --head-dim 64 --depth attn+ffn|8|4096"
-  "d384_T1024_none|--width 384 --blocks 24 --heads 6 --kv-heads 2 --head-dim 64 --depth none|32|1024"
-  "d384_T1024_attnffn|--width 384 --blocks 24 --heads 6 --kv-heads 2 --head-dim 64 --depth attn+ffn|32|1024"
-  "d768_T1024_none|--width 768 --blocks 12 --heads 12 --kv-heads 4 --head-dim 64 --depth none|32|1024"
-  "d768_T1024_attnffn|--width 768 --blocks 12 --heads 12 --kv-heads 4 --head-dim 64 --depth attn+ffn|32|1024"
+  "d384_T4096_none|$d384 --depth none|8|4096|"
+  "d384_T4096_none_nd|$d384 --depth none $nd|8|4096|"
+  "d384_T4096_attnffn|$d384 --depth attn+ffn|8|4096|"
+  "d384_T4096_attnffn_nd|$d384 --depth attn+ffn $nd|8|4096|"
+  "d384_T1024_none|$d384 --depth none|32|1024|"
+  "d384_T1024_none_nd|$d384 --depth none $nd|32|1024|"
+  "d384_T1024_none_legacy|$d384 --depth none|32|1024|MODA_GPU_ELEM_LEGACY=1"
+  "d384_T1024_attnffn|$d384 --depth attn+ffn|32|1024|"
+  "d384_T1024_attnffn_nd|$d384 --depth attn+ffn $nd|32|1024|"
+  "d768_T1024_none|$d768 --depth none|32|1024|"
+  "d768_T1024_none_nd|$d768 --depth none $nd|32|1024|"
+  "d768_T1024_attnffn|$d768 --depth attn+ffn|32|1024|"
+  "d768_T1024_attnffn_nd|$d768 --depth attn+ffn $nd|32|1024|"
 )
 if has speed; then
     printf "%-22s %12s %8s  %s\n" config tok/s MFU "profile (ms per step)" | tee -a "$summary"
     for cfg in "${speed_configs[@]}"; do
-        IFS='|' read -r name flags batch seq <<< "$cfg"
+        IFS='|' read -r name flags batch seq envs <<< "$cfg"
+        if [ -n "${SPEED_CONFIGS:-}" ]; then
+            case " $SPEED_CONFIGS " in *" $name "*) ;; *) continue ;; esac
+        fi
         steps=$(( 3 + SPEED_STEPS + PROFILE_STEPS ))
         # shellcheck disable=SC2086
-        timeout 60 "$MODA" train --device cuda $flags --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 \
+        env $envs timeout 60 "$MODA" train --device cuda $flags --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 \
             --lr 1e-3 --eval-every 0 --eval-batches 1 --log-every 1000 --profile "$PROFILE_STEPS" --out none \
             > "$OUT/speed_$name.log" 2>&1
         rc=$?

@@ -163,6 +163,42 @@ static void check_learns(const char *text) {
     moda_data_close(&dt);
 }
 
+/* --deterministic-attention off is a GPU option: the CPU trainer takes it and its run is bitwise the default
+ * one (the CPU operator's backward is deterministic in both modes); a value other than 0 or 1 is refused */
+static void check_cpu_ignores_attention_mode(const char *text) {
+    moda_model_config c = tiny();
+    moda_train_settings s = {5, 2, 32, 1, 1e-2, 5};
+    moda_train_device dev[2] = {{MODA_CPU, 0, 0}, {MODA_CPU, 0, 1}};
+    double loss[2][5];
+    float *params[2] = {NULL, NULL};
+    int64_t n = 0;
+    for (int k = 0; k < 2; k++) {
+        moda_data dt;
+        const char *files[1] = {text};
+        TU_CHECK_STATUS(moda_data_open(&dt, files, 1, NULL), MODA_OK);
+        moda_trainer tr;
+        TU_CHECK_STATUS(moda_trainer_create_on(&tr, &c, &s, &dt, &dev[k]), MODA_OK);
+        for (int i = 0; i < 5; i++) TU_CHECK_STATUS(moda_trainer_step(&tr, &loss[k][i], NULL), MODA_OK);
+        n = moda_model_num_params(tr.model);
+        params[k] = malloc(sizeof(float) * (size_t)n);
+        if (params[k]) memcpy(params[k], moda_model_params(tr.model), sizeof(float) * (size_t)n);
+        moda_trainer_free(&tr);
+        moda_data_close(&dt);
+    }
+    TU_CHECK(params[0] && params[1] && memcmp(loss[0], loss[1], sizeof loss[0]) == 0 &&
+                 memcmp(params[0], params[1], sizeof(float) * (size_t)n) == 0,
+             "the CPU trainer's run changed with the attention determinism option");
+    free(params[0]);
+    free(params[1]);
+    moda_data dt;
+    const char *files[1] = {text};
+    TU_CHECK_STATUS(moda_data_open(&dt, files, 1, NULL), MODA_OK);
+    moda_train_device bad = {MODA_CPU, 0, 2};
+    moda_trainer tr;
+    TU_CHECK_STATUS(moda_trainer_create_on(&tr, &c, &s, &dt, &bad), MODA_ERR_INVALID_ARGUMENT);
+    moda_data_close(&dt);
+}
+
 static int file_corrupt(const char *src, const char *dst, long offset, long truncate_to) {
     FILE *a = fopen(src, "rb"), *b = fopen(dst, "wb");
     if (!a || !b) return 0;
@@ -343,6 +379,7 @@ int main(void) {
     check_shards();
     check_builtin_corpus();
     check_learns(text);
+    check_cpu_ignores_attention_mode(text);
     char small[512];
     path(small, "toy_small.txt");
     write_text(small, 2000);

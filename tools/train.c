@@ -36,7 +36,8 @@ typedef struct opts {
     double temperature;
     uint64_t sample_seed;
     int quiet;
-    moda_train_device dev;   /* --device, --micro-batch: where the run executes (not part of the checkpoint) */
+    moda_train_device dev;   /* --device, --micro-batch, --deterministic-attention: where and how the run executes
+                              * (not part of the checkpoint) */
     int64_t profile;         /* --profile N: time the last N steps per phase (GPU) */
 } opts;
 
@@ -97,6 +98,9 @@ static void usage_train(FILE *f) {
             "  --device cpu|cuda    where to train [cpu]; a checkpoint from either resumes on either\n"
             "  --micro-batch b      rows per forward/backward on cuda; gradients of batch/b of them are\n"
             "                       accumulated per update [the whole batch]\n"
+            "  --deterministic-attention on|off\n"
+            "                       cuda: off runs the attention backward in the operator's faster\n"
+            "                       non-deterministic mode (not bitwise repeatable); the CPU ignores it [on]\n"
             "  --profile N          cuda: per-phase timing (GEMMs, attention, elementwise, optimizer) of the\n"
             "                       last N steps, and the throughput and MFU of the steps before them\n"
             "  --threads N          BLAS threads [OpenBLAS default: all cores]\n"
@@ -200,6 +204,11 @@ static int parse(int argc, char **argv, opts *o, const char *cmd) {
             ok = !strcmp(v, "cpu") || !strcmp(v, "cuda");
             o->dev.device = !strcmp(v, "cuda") ? MODA_CUDA : MODA_CPU;
         } else if (!strcmp(a, "--micro-batch")) ok = parse_i64(v, &o->dev.micro_batch) && o->dev.micro_batch >= 0;
+        else if (!strcmp(a, "--deterministic-attention")) {
+            int det = 1;
+            ok = parse_onoff(v, &det);
+            o->dev.attn_nondeterministic = !det;
+        }
         else if (!strcmp(a, "--profile")) ok = parse_i64(v, &o->profile) && o->profile >= 0;
         else if (!strcmp(a, "--omp-threads")) ok = parse_i64(v, &o->omp_threads);
         else if (!strcmp(a, "--stop-after")) ok = parse_i64(v, &o->stop_after);
@@ -378,8 +387,9 @@ static int run_training(const char *cmd, opts *o, moda_data *data, const char *l
                (double)depth_bytes / 1e6, (long long)o->s.steps, (long long)o->s.batch, (long long)o->s.seq,
                o->resume ? " (resumed)" : "");
         if (tr->gpu)
-            printf("%son cuda: micro-batches of %lld rows, %.2f GB of device memory\n", label,
-                   (long long)moda_gpu_model_micro_batch(tr->gpu), (double)moda_gpu_model_device_bytes(tr->gpu) / 1e9);
+            printf("%son cuda: micro-batches of %lld rows, %.2f GB of device memory, %s attention backward\n", label,
+                   (long long)moda_gpu_model_micro_batch(tr->gpu), (double)moda_gpu_model_device_bytes(tr->gpu) / 1e9,
+                   o->dev.attn_nondeterministic ? "non-deterministic" : "deterministic");
         if (o->resume) printf("%sresuming at step %lld\n", label, (long long)tr->step);
         fflush(stdout);
     }

@@ -10,6 +10,10 @@ moda_status moda_gpu_model_create(moda_gpu_model **out, const moda_model_config 
     *out = NULL;
     return not_built();
 }
+moda_status moda_gpu_model_set_deterministic_attention(moda_gpu_model *g, int deterministic) {
+    (void)g, (void)deterministic;
+    return not_built();
+}
 void moda_gpu_model_free(moda_gpu_model *g) { (void)g; }
 int64_t moda_gpu_model_micro_batch(const moda_gpu_model *g) { (void)g; return 0; }
 size_t moda_gpu_model_device_bytes(const moda_gpu_model *g) { (void)g; return 0; }

@@ -249,10 +249,15 @@ typedef struct moda_trainer {
 
 /* Where a trainer runs. micro_batch (GPU only): rows per forward/backward, the gradients of batch/micro_batch
  * of them accumulated before each update (0 = the whole batch). It changes memory, not the run: it is not
- * part of the checkpoint, and a run may resume on either device with any micro-batch. */
+ * part of the checkpoint, and a run may resume on either device with any micro-batch.
+ * attn_nondeterministic (GPU only; 0, the default, keeps runs reproducible): the attention backward in the
+ * operator's non-deterministic mode (fp32 atomics in dQ; on sm_90 the wgmma backward), faster but not bitwise
+ * repeatable. Like the device it is a runtime choice, not part of the checkpoint; the CPU ignores it (its
+ * backward is deterministic in either mode). */
 typedef struct moda_train_device {
     moda_device device;
     int64_t micro_batch;
+    int attn_nondeterministic;
 } moda_train_device;
 
 moda_status moda_trainer_create(moda_trainer *tr, const moda_model_config *config, const moda_train_settings *s,
@@ -294,9 +299,13 @@ double moda_rng_uniform(uint64_t *state);
 enum { MODA_GPU_PHASE_GEMM, MODA_GPU_PHASE_ATTN_FWD, MODA_GPU_PHASE_ATTN_BWD, MODA_GPU_PHASE_ELEM,
        MODA_GPU_PHASE_OPT, MODA_GPU_PHASE_COPY, MODA_GPU_PHASES };
 
-/* A model for micro-batches of micro_batch rows of T tokens, and batches of up to max_micro of them. */
+/* A model for micro-batches of micro_batch rows of T tokens, and batches of up to max_micro of them. Its
+ * attention backward starts deterministic. */
 moda_status moda_gpu_model_create(moda_gpu_model **out, const moda_model_config *config, int64_t micro_batch,
                                   int64_t T, int64_t max_micro);
+/* The attention backward's mode from the next step on: 1 deterministic (bitwise repeatable, the default), 0 the
+ * operator's faster non-deterministic mode. The workspace was sized for both at creation. */
+moda_status moda_gpu_model_set_deterministic_attention(moda_gpu_model *g, int deterministic);
 void moda_gpu_model_free(moda_gpu_model *g);
 int64_t moda_gpu_model_micro_batch(const moda_gpu_model *g);
 size_t moda_gpu_model_device_bytes(const moda_gpu_model *g);

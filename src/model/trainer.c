@@ -7,7 +7,7 @@
 
 moda_status moda_trainer_create(moda_trainer *tr, const moda_model_config *config, const moda_train_settings *s,
                                 moda_data *data) {
-    moda_train_device cpu = {MODA_CPU, 0};
+    moda_train_device cpu = {MODA_CPU, 0, 0};
     return moda_trainer_create_on(tr, config, s, data, &cpu);
 }
 
@@ -20,6 +20,8 @@ moda_status moda_trainer_create_on(moda_trainer *tr, const moda_model_config *co
                          (long long)data->max_token, (long long)config->V);
     const int gpu = dev && dev->device == MODA_CUDA;
     const int64_t micro = gpu && dev->micro_batch > 0 ? dev->micro_batch : s->batch;
+    if (dev && dev->attn_nondeterministic != 0 && dev->attn_nondeterministic != 1)
+        return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "the attention determinism must be on or off");
     if (gpu && (micro > s->batch || s->batch % micro))
         return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "--micro-batch %lld must divide --batch %lld", (long long)micro,
                                (long long)s->batch);
@@ -30,6 +32,7 @@ moda_status moda_trainer_create_on(moda_trainer *tr, const moda_model_config *co
     st = moda_adamw_init(&tr->opt, moda_model_num_params(tr->model), s->lr, s->warmup, s->steps);
     if (st == MODA_OK && gpu) {
         st = moda_gpu_model_create(&tr->gpu, moda_model_get_config(tr->model), micro, s->seq, s->batch / micro);
+        if (st == MODA_OK) st = moda_gpu_model_set_deterministic_attention(tr->gpu, !dev->attn_nondeterministic);
         if (st == MODA_OK) st = moda_gpu_model_set_state(tr->gpu, moda_model_params(tr->model), NULL, NULL);
     }
     if (st == MODA_OK) st = moda_data_start(data, s->batch, s->seq, s->seed);

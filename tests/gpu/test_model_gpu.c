@@ -9,6 +9,10 @@
  *  3. checkpoints: a GPU run's file resumes in the CPU trainer and a CPU run's in the GPU trainer, with
  *     bitwise-equal weights and matching losses after the switch.
  *  4. errors come back as statuses (bad micro-batch, out-of-vocabulary token).
+ *  5. the attention backward's non-deterministic mode (--deterministic-attention off): one step's gradients
+ *     against the CPU's with the same bound, for the four variants above (at these small shapes the operator
+ *     runs its mma.sync fused pass with row splits) and for a shape with >= 512 key-block CTAs, where an sm_90
+ *     device must run the wgmma backward (checked through the operator's test hook).
  *
  * Tolerances, and why: bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 %). Every GEMM input is
  * rounded once per layer, so the gradients of one step carry a relative error of a few 2^-9 summed over about a
@@ -19,6 +23,7 @@
  * 8e-2 nats per step and 3e-2 on average, while the loss itself falls by more than 1 nat. The per-tensor
  * gradient check is the sharp one: a wrong gradient or a missing term moves some tensor's error to O(1).
  */
+#include "gpu_util.h"
 #include "model.h"
 #include "testutil.h"
 
@@ -34,6 +39,9 @@
 #define LOSS_MEAN_TOL 3e-2
 
 enum { BATCH = 4, SEQ = 128, MICRO = 2, STEPS = 20 };
+
+/* the operator's private hook (src/cuda/backward.cu): the kernel family of this thread's last backward */
+MODA_API const char *moda_testing_cuda_last_backward(void);
 
 static moda_model_config small(int variant) {
     moda_model_config c = moda_model_config_default();
@@ -138,6 +146,24 @@ static void check_gradients(moda_data *data, int nvariants) {
         printf("  gradients %-20s loss CPU %.6f GPU %.6f (diff %+.2e); worst tensor %s[%lld] rel L2 %.2e; "
                "1 vs 2 micro-batches %.2e\n",
                variant_name(v), lc, lg, lg - lc, wname, (long long)wblock, worst, worst1);
+        /* the same step with the non-deterministic attention backward (gg2 is free again) */
+        double lnd = 0, worst_nd = 0;
+        TU_CHECK_STATUS(moda_gpu_model_set_deterministic_attention(gpu, 0), MODA_OK);
+        TU_CHECK_STATUS(moda_gpu_model_loss(gpu, in, tg, BATCH, 1, &lnd), MODA_OK);
+        TU_CHECK_STATUS(moda_gpu_model_get_grads(gpu, gg2), MODA_OK);
+        const char *path = moda_testing_cuda_last_backward();
+        TU_CHECK(fabs(lnd - lc) <= LOSS0_TOL, "%s, non-deterministic attention: loss GPU %.6f CPU %.6f", variant_name(v),
+                 lnd, lc);
+        for (int t = 0; t < moda_model_num_tensors(cpu); t++) {
+            const moda_param_info *p = moda_model_tensor(cpu, t);
+            double ref = 0, e = rel_l2(gg2 + p->offset, gc + p->offset, p->rows * p->cols, &ref);
+            TU_CHECK(e <= GRAD_TOL && isfinite(e),
+                     "%s, non-deterministic attention: gradient of %s (block %lld): relative L2 error %.3e (|g| %.3e)",
+                     variant_name(v), moda_param_kind_name(p->kind), (long long)p->block, e, ref);
+            if (e > worst_nd) worst_nd = e;
+        }
+        printf("  gradients %-20s non-deterministic attention (%s backward): loss diff %+.2e, worst rel L2 %.2e\n",
+               variant_name(v), path, lnd - lc, worst_nd);
         free(gg);
         free(gg2);
         free(gg1);
@@ -147,6 +173,65 @@ static void check_gradients(moda_data *data, int nvariants) {
     }
     free(in);
     free(tg);
+}
+
+/* The non-deterministic mode at a shape where the operator's key-block CTAs (128 keys of one (b, kv-head))
+ * reach 512, so that it runs without row splits: on an sm_90 device that is the wgmma backward. 64 rows of
+ * 128 tokens, 8 query and 8 key/value heads of 64, width 128: the CPU side stays about a second. */
+static void check_nondeterministic_hopper(moda_data *data) {
+    enum { HB = 64 };
+    moda_model_config c = small(0);
+    c.D = 128;
+    c.Hq = 8;
+    c.Hk = 8;
+    int32_t *in = malloc(sizeof(int32_t) * HB * SEQ), *tg = malloc(sizeof(int32_t) * HB * SEQ);
+    moda_model *cpu = NULL;
+    moda_gpu_model *gpu = NULL;
+    TU_CHECK_STATUS(moda_model_create(&cpu, &c, MODA_F32, HB, SEQ), MODA_OK);
+    if (cpu) TU_CHECK_STATUS(moda_gpu_model_create(&gpu, moda_model_get_config(cpu), HB, SEQ, 1), MODA_OK);
+    if (!cpu || !gpu || !in || !tg) {
+        fprintf(stderr, "  %s\n", moda_model_error());
+        moda_model_free(cpu);
+        free(in);
+        free(tg);
+        return;
+    }
+    moda_model_init(cpu, 23);
+    moda_data_start(data, HB, SEQ, 9);
+    moda_data_next(data, in, tg);
+    const int64_t n = moda_model_num_params(cpu);
+    float *gg = malloc(sizeof(float) * (size_t)n);
+    double lc = 0, lg = 0, worst = 0;
+    TU_CHECK_STATUS(moda_model_step(cpu, in, tg, 1, &lc), MODA_OK);
+    const float *gc = moda_model_grads(cpu);
+    TU_CHECK_STATUS(moda_gpu_model_set_state(gpu, moda_model_params(cpu), NULL, NULL), MODA_OK);
+    TU_CHECK_STATUS(moda_gpu_model_set_deterministic_attention(gpu, 0), MODA_OK);
+    TU_CHECK_STATUS(moda_gpu_model_loss(gpu, in, tg, HB, 1, &lg), MODA_OK);
+    const char *path = moda_testing_cuda_last_backward();
+    TU_CHECK_STATUS(moda_gpu_model_get_grads(gpu, gg), MODA_OK);
+    TU_CHECK(fabs(lg - lc) <= LOSS0_TOL, "non-deterministic attention, 512 CTAs: loss GPU %.6f CPU %.6f", lg, lc);
+    for (int t = 0; t < moda_model_num_tensors(cpu); t++) {
+        const moda_param_info *p = moda_model_tensor(cpu, t);
+        double ref = 0, e = rel_l2(gg + p->offset, gc + p->offset, p->rows * p->cols, &ref);
+        TU_CHECK(e <= GRAD_TOL && isfinite(e),
+                 "non-deterministic attention, 512 CTAs: gradient of %s (block %lld): relative L2 error %.3e (|g| %.3e)",
+                 moda_param_kind_name(p->kind), (long long)p->block, e, ref);
+        if (e > worst) worst = e;
+    }
+    int dev = 0, major = 0;
+    CUDA_OK(cudaGetDevice(&dev));
+    CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (major == 9)
+        TU_CHECK(!strcmp(path, "hopper"), "non-deterministic attention on sm_90 ran the %s backward, not the wgmma one",
+                 path);
+    printf("  gradients 8/8 heads B=%d     non-deterministic attention (%s backward): loss CPU %.6f GPU %.6f (diff "
+           "%+.2e), worst rel L2 %.2e\n",
+           HB, path, lc, lg, lg - lc, worst);
+    free(gg);
+    free(in);
+    free(tg);
+    moda_gpu_model_free(gpu);
+    moda_model_free(cpu);
 }
 
 static moda_train_settings settings(void) {
@@ -161,7 +246,7 @@ static void check_training(int v) {
     TU_CHECK_STATUS(moda_data_open(&dc, NULL, 0, NULL), MODA_OK);
     TU_CHECK_STATUS(moda_data_open(&dg, NULL, 0, NULL), MODA_OK);
     moda_trainer tc, tg;
-    moda_train_device dev = {MODA_CUDA, MICRO};
+    moda_train_device dev = {MODA_CUDA, MICRO, 0};
     TU_CHECK_STATUS(moda_trainer_create(&tc, &c, &s, &dc), MODA_OK);
     moda_status st = moda_trainer_create_on(&tg, &c, &s, &dg, &dev);
     TU_CHECK_STATUS(st, MODA_OK);
@@ -199,7 +284,7 @@ static void check_training(int v) {
 static void check_checkpoint(int gpu_first, const char *dir) {
     moda_model_config c = small(0);
     moda_train_settings s = settings();
-    moda_train_device cpu = {MODA_CPU, 0}, gpu = {MODA_CUDA, MICRO};
+    moda_train_device cpu = {MODA_CPU, 0, 0}, gpu = {MODA_CUDA, MICRO, 0};
     moda_data d1, d2;
     TU_CHECK_STATUS(moda_data_open(&d1, NULL, 0, NULL), MODA_OK);
     TU_CHECK_STATUS(moda_data_open(&d2, NULL, 0, NULL), MODA_OK);
@@ -251,7 +336,7 @@ static void check_errors(void) {
     moda_data d;
     TU_CHECK_STATUS(moda_data_open(&d, NULL, 0, NULL), MODA_OK);
     moda_trainer tr;
-    moda_train_device bad = {MODA_CUDA, 3};
+    moda_train_device bad = {MODA_CUDA, 3, 0};
     TU_CHECK_STATUS(moda_trainer_create_on(&tr, &c, &s, &d, &bad), MODA_ERR_INVALID_ARGUMENT);
     TU_CHECK(strstr(moda_model_error(), "micro-batch") != NULL, "message: %s", moda_model_error());
     moda_gpu_model *g = NULL;
@@ -279,6 +364,7 @@ int main(void) {
     moda_data data;
     TU_CHECK_STATUS(moda_data_open(&data, NULL, 0, NULL), MODA_OK);
     check_gradients(&data, quick ? 2 : 4);
+    if (!quick) check_nondeterministic_hopper(&data);
     moda_data_close(&data);
     if (quick) {
         check_errors();

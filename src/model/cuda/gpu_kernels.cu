@@ -11,6 +11,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 
 #define RMS_EPS 1e-6f
 
@@ -171,12 +173,6 @@ __global__ void k_rmsnorm_dw_reduce(int64_t D, int64_t nchunk, const float *part
     }
 }
 
-int mg_rmsnorm_fwd(int64_t M, int64_t D, const moda_bf16_t *a, int64_t lda, const moda_bf16_t *b, moda_bf16_t *sum,
-                   const float *w, moda_bf16_t *y, int64_t ldy, float *rstd, void *stream) {
-    k_rmsnorm_fwd<<<(unsigned)((M + 7) / 8), 256, 0, (cudaStream_t)stream>>>(M, D, a, lda, b, sum, w, y, ldy, rstd);
-    return launched();
-}
-
 int mg_rmsnorm_bwd_dx(int64_t M, int64_t D, const moda_bf16_t *x, int64_t ldx, const float *w, const float *rstd,
                       const float *dy, int64_t ldy, float *dx32, int accumulate, moda_bf16_t *dx16, int64_t ldh,
                       void *stream) {
@@ -288,24 +284,543 @@ __global__ void k_f32_to_bf16(int64_t n, const float *src, moda_bf16_t *dst) {
         dst[i] = to16(src[i]);
 }
 
+/* ---- the vectorised row kernels (the default path; MODA_GPU_ELEM_LEGACY=1 selects the kernels above) ----
+ *
+ * One warp per row; a lane owns units of 4 consecutive columns (8-byte bf16 and 16-byte fp32 accesses) and keeps
+ * its units of the row in registers, so a row is read once. MAXU (units per lane, compile time) bounds the row
+ * width at 128 * MAXU columns; wider rows, odd shapes and misaligned pointers take the scalar kernels. The
+ * backward kernels walk chunks of rows (one CTA per chunk) and also produce the norm weight's per-chunk partial
+ * sums (the dw pass of the scalar path, without reading x and dy again); the warps' sums are added in warp order
+ * and the chunks by k_rmsnorm_dw_reduce, so the results stay bitwise reproducible. The arithmetic is the scalar
+ * kernels' expression for expression (the bf16 roundings of the unfused path included); only the order of the
+ * fp32 sums (a row's sum of squares or dot product, a weight gradient) differs. */
+static int elem_legacy(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("MODA_GPU_ELEM_LEGACY");
+        v = e && e[0] == '1';
+    }
+    return v;
+}
+int mg_elem_legacy(void) { return elem_legacy(); }
+
+static int aligned(const void *p, unsigned bytes) { return ((uintptr_t)p & (uintptr_t)(bytes - 1)) == 0; }
+
+static __device__ __forceinline__ void ld4h(const moda_bf16_t *p, float f[4]) {
+    const uint2 u = *(const uint2 *)p;
+    f[0] = __uint_as_float(u.x << 16);
+    f[1] = __uint_as_float(u.x & 0xffff0000u);
+    f[2] = __uint_as_float(u.y << 16);
+    f[3] = __uint_as_float(u.y & 0xffff0000u);
+}
+static __device__ __forceinline__ void st4h(moda_bf16_t *p, const float f[4]) {
+    uint2 u;
+    u.x = (uint32_t)to16(f[0]) | ((uint32_t)to16(f[1]) << 16);
+    u.y = (uint32_t)to16(f[2]) | ((uint32_t)to16(f[3]) << 16);
+    *(uint2 *)p = u;
+}
+static __device__ __forceinline__ void ld4f(const float *p, float f[4]) {
+    const float4 u = *(const float4 *)p;
+    f[0] = u.x;
+    f[1] = u.y;
+    f[2] = u.z;
+    f[3] = u.w;
+}
+static __device__ __forceinline__ void st4f(float *p, const float f[4]) {
+    *(float4 *)p = make_float4(f[0], f[1], f[2], f[3]);
+}
+static __device__ __forceinline__ float rnd16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+/* RMSNorm forward with the residual add, as k_rmsnorm_fwd */
+template <int MAXU>
+__global__ void k_rmsnorm_fwd_v(int64_t M, int D, const moda_bf16_t *a, int64_t lda, const moda_bf16_t *b,
+                                moda_bf16_t *sum, const float *w, moda_bf16_t *y, int64_t ldy, float *rstd) {
+    const int64_t r = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31, U = D / 4;
+    if (r >= M) return;
+    float s[MAXU][4];
+    float ss = 0;
+#pragma unroll
+    for (int i = 0; i < MAXU; i++) {
+        const int u = lane + 32 * i;
+        if (u < U) {
+            ld4h(a + r * lda + 4 * u, s[i]);
+            if (b) {
+                float t[4];
+                ld4h(b + r * (int64_t)D + 4 * u, t);
+#pragma unroll
+                for (int j = 0; j < 4; j++) s[i][j] = rnd16(s[i][j] + t[j]); /* the stored residual */
+                if (sum) st4h(sum + r * (int64_t)D + 4 * u, s[i]);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) ss += s[i][j] * s[i][j];
+        }
+    }
+    ss = warp_sum(ss);
+    const float rs = rsqrtf(ss / (float)D + RMS_EPS);
+    if (lane == 0) rstd[r] = rs;
+#pragma unroll
+    for (int i = 0; i < MAXU; i++) {
+        const int u = lane + 32 * i;
+        if (u < U) {
+            float wv[4], o[4];
+            ld4f(w + 4 * u, wv);
+#pragma unroll
+            for (int j = 0; j < 4; j++) o[j] = s[i][j] * rs * wv[j];
+            st4h(y + r * ldy + 4 * u, o);
+        }
+    }
+}
+
+/* the warps' weight-gradient sums of a chunk, added in warp order: partial[c, :] (sh: 8 x D floats) */
+template <int MAXU>
+static __device__ __forceinline__ void dw_chunk_store(float (*acc)[4], int D, float *sh, float *partial, int64_t c,
+                                                      const int *cols) {
+    const int wp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < MAXU; i++) {
+        if (cols[i] >= 0) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) sh[wp * D + cols[i] + j] = acc[i][j];
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float t = 0;
+        for (int k = 0; k < (int)(blockDim.x >> 5); k++) t += sh[k * D + j];
+        partial[c * D + j] = t;
+    }
+}
+
+/* The norm's backward on a row held in registers (NU units of 4 columns per lane, cols < 0: not this lane's):
+ * acc += g x rs (the weight gradient), then g becomes the input gradient rs (g w - x rs mean(g w x rs)), the
+ * expressions of k_rmsnorm_dw_partial and k_rmsnorm_bwd_dx. */
+template <int NU>
+static __device__ __forceinline__ void norm_bwd_row(float (*g)[4], float (*xv)[4], const int *cols, const float *w,
+                                                    float rs, int D, float (*acc)[4]) {
+    /* w is read twice (L1 hits) rather than held: at 3 units per lane the registers are the occupancy limit */
+    float dot = 0;
+#pragma unroll
+    for (int i = 0; i < NU; i++) {
+        if (cols[i] < 0) continue;
+        float wv[4];
+        ld4f(w + cols[i], wv);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            dot += g[i][j] * wv[j] * xv[i][j] * rs;
+            acc[i][j] += g[i][j] * xv[i][j] * rs;
+        }
+    }
+    dot = warp_sum(dot) / (float)D;
+#pragma unroll
+    for (int i = 0; i < NU; i++)
+        if (cols[i] >= 0) {
+            const float4 w4 = *(const float4 *)(w + cols[i]);
+            const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) g[i][j] = rs * (g[i][j] * wv[j] - xv[i][j] * rs * dot);
+        }
+}
+
+/* RMSNorm backward, input and weight gradient in one pass (k_rmsnorm_bwd_dx + k_rmsnorm_dw_partial) */
+template <int MAXU>
+__global__ void __launch_bounds__(256, MAXU <= 3 ? 3 : 1)
+    k_rmsnorm_bwd_v(int64_t M, int D, const moda_bf16_t *x, int64_t ldx, const float *w, const float *rstd,
+                    const float *dy, int64_t ldy, float *dx32, int accumulate, moda_bf16_t *dx16, int64_t ldh,
+                    float *partial, int64_t rows_per_chunk) {
+    extern __shared__ float sh_dw[];
+    const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5, U = D / 4;
+    const int64_t c = blockIdx.x, r0 = c * rows_per_chunk, r1 = r0 + rows_per_chunk < M ? r0 + rows_per_chunk : M;
+    float acc[MAXU][4];
+    int cols[MAXU];
+#pragma unroll
+    for (int i = 0; i < MAXU; i++) {
+        const int u = lane + 32 * i;
+        cols[i] = u < U ? 4 * u : -1;
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = 0;
+    }
+    const int acc_old = dx32 && accumulate;
+    for (int64_t r = r0 + wp; r < r1; r += nw) {
+        const float rs = rstd[r];
+        float g[MAXU][4], xv[MAXU][4], old[MAXU][4];
+        /* every load of the row first (the accumulated dx too), then the reduction */
+#pragma unroll
+        for (int i = 0; i < MAXU; i++) {
+            if (cols[i] >= 0) {
+                ld4f(dy + r * ldy + cols[i], g[i]);
+                ld4h(x + r * ldx + cols[i], xv[i]);
+                if (acc_old) ld4f(dx32 + r * (int64_t)D + cols[i], old[i]);
+            }
+        }
+        norm_bwd_row<MAXU>(g, xv, cols, w, rs, D, acc);
+#pragma unroll
+        for (int i = 0; i < MAXU; i++) {
+            if (cols[i] >= 0) {
+                if (dx32) {
+                    if (acc_old) {
+#pragma unroll
+                        for (int j = 0; j < 4; j++) g[i][j] = old[i][j] + g[i][j];
+                    }
+                    st4f(dx32 + r * (int64_t)D + cols[i], g[i]);
+                }
+                if (dx16) st4h(dx16 + r * ldh + cols[i], g[i]);
+            }
+        }
+    }
+    dw_chunk_store<MAXU>(acc, D, sh_dw, partial, c, cols);
+}
+
+/* QK-norm (optional) and RoPE of M rows of H heads of d (k_rmsnorm_fwd then k_rope_fwd, with the norm's bf16
+ * output rounding kept). A lane's unit is 4 columns of a head's first half and the 4 they pair with. */
+template <int MAXU>
+__global__ void k_qk_fwd_v(int64_t M, int64_t T, int H, int d, const moda_bf16_t *in, int64_t ld_in, const float *w,
+                           float *rstd, moda_bf16_t *out, int64_t ld_out, const float *cosv, const float *sinv) {
+    const int64_t r = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31, h2 = d / 2, q4 = h2 / 4, U = H * q4, W = H * d;
+    if (r >= M) return;
+    const int64_t t = r % T;
+    float a[MAXU][4], b[MAXU][4];
+    int c0[MAXU], k4[MAXU];
+    float ss = 0;
+#pragma unroll
+    for (int i = 0; i < MAXU; i++) {
+        const int u = lane + 32 * i;
+        c0[i] = -1;
+        k4[i] = 0;
+        if (u < U) {
+            const int h = u / q4;
+            k4[i] = (u - h * q4) * 4;
+            c0[i] = h * d + k4[i];
+            ld4h(in + r * ld_in + c0[i], a[i]);
+            ld4h(in + r * ld_in + c0[i] + h2, b[i]);
+#pragma unroll
+            for (int j = 0; j < 4; j++) ss += a[i][j] * a[i][j] + b[i][j] * b[i][j];
+        }
+    }
+    if (w) {
+        ss = warp_sum(ss);
+        const float rs = rsqrtf(ss / (float)W + RMS_EPS);
+        if (lane == 0) rstd[r] = rs;
+#pragma unroll
+        for (int i = 0; i < MAXU; i++) {
+            if (c0[i] >= 0) {
+                float wa[4], wb[4];
+                ld4f(w + c0[i], wa);
+                ld4f(w + c0[i] + h2, wb);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    a[i][j] = rnd16(a[i][j] * rs * wa[j]);
+                    b[i][j] = rnd16(b[i][j] * rs * wb[j]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < MAXU; i++) {
+        if (c0[i] >= 0) {
+            float cv[4], sv[4], oa[4], ob[4];
+            ld4f(cosv + t * h2 + k4[i], cv);
+            ld4f(sinv + t * h2 + k4[i], sv);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                oa[j] = a[i][j] * cv[j] - b[i][j] * sv[j];
+                ob[j] = a[i][j] * sv[j] + b[i][j] * cv[j];
+            }
+            st4h(out + r * ld_out + c0[i], oa);
+            st4h(out + r * ld_out + c0[i] + h2, ob);
+        }
+    }
+}
+
+/* The gradient of a projection's output before RoPE and QK-norm: g = in16 + add32, rotated back (rotate), then
+ * the norm's backward with its weight-gradient partials (w != NULL); bf16 out (k_grad_combine then
+ * k_rmsnorm_dw_partial and k_rmsnorm_bwd_dx, without the fp32 round trip in between). */
+template <int MAXU>
+__global__ void __launch_bounds__(256, MAXU <= 2 ? 2 : 1)
+    k_qk_bwd_v(int64_t M, int64_t T, int H, int d, int rotate, const moda_bf16_t *in16, int64_t ld_in,
+               const float *add32, int64_t ld_add, const moda_bf16_t *x, const float *w, const float *rstd,
+               moda_bf16_t *out16, int64_t ld_out, float *partial, int64_t rows_per_chunk, const float *cosv,
+               const float *sinv) {
+    extern __shared__ float sh_dw[];
+    const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int h2 = d / 2, q4 = h2 / 4, U = H * q4, W = H * d;
+    const int64_t c = blockIdx.x, r0 = c * rows_per_chunk, r1 = r0 + rows_per_chunk < M ? r0 + rows_per_chunk : M;
+    float acc[2 * MAXU][4];
+    int cols[2 * MAXU], k4[MAXU];
+#pragma unroll
+    for (int i = 0; i < MAXU; i++) {
+        const int u = lane + 32 * i;
+        cols[2 * i] = cols[2 * i + 1] = -1;
+        k4[i] = 0;
+        if (u < U) {
+            const int h = u / q4;
+            k4[i] = (u - h * q4) * 4;
+            cols[2 * i] = h * d + k4[i];
+            cols[2 * i + 1] = cols[2 * i] + h2;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[2 * i][j] = acc[2 * i + 1][j] = 0;
+    }
+    for (int64_t r = r0 + wp; r < r1; r += nw) {
+        const int64_t t = r % T;
+        float g[2 * MAXU][4];
+#pragma unroll
+        for (int i = 0; i < 2 * MAXU; i++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) g[i][j] = 0;
+            if (cols[i] >= 0) {
+                if (in16) ld4h(in16 + r * ld_in + cols[i], g[i]);
+                if (add32) {
+                    float e[4];
+                    ld4f(add32 + r * ld_add + cols[i], e);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) g[i][j] += e[j];
+                }
+            }
+        }
+        if (rotate) { /* transpose rotation: the backward of the forward one */
+#pragma unroll
+            for (int i = 0; i < MAXU; i++) {
+                if (cols[2 * i] >= 0) {
+                    float cv[4], sv[4];
+                    ld4f(cosv + t * h2 + k4[i], cv);
+                    ld4f(sinv + t * h2 + k4[i], sv);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const float a = g[2 * i][j], b = g[2 * i + 1][j];
+                        g[2 * i][j] = a * cv[j] + b * sv[j];
+                        g[2 * i + 1][j] = -a * sv[j] + b * cv[j];
+                    }
+                }
+            }
+        }
+        if (w) {
+            const float rs = rstd[r];
+            float xv[2 * MAXU][4];
+#pragma unroll
+            for (int i = 0; i < 2 * MAXU; i++)
+                if (cols[i] >= 0) ld4h(x + r * (int64_t)W + cols[i], xv[i]);
+            norm_bwd_row<2 * MAXU>(g, xv, cols, w, rs, W, acc);
+        }
+#pragma unroll
+        for (int i = 0; i < 2 * MAXU; i++)
+            if (cols[i] >= 0) st4h(out16 + r * ld_out + cols[i], g[i]);
+    }
+    if (w) dw_chunk_store<2 * MAXU>(acc, W, sh_dw, partial, c, cols);
+}
+
+/* SwiGLU, 8 elements (16 bytes of each operand) per thread: the scalar kernels' arithmetic */
+__global__ void k_swiglu_fwd_v(int64_t n8, const uint4 *h1, const uint4 *h3, uint4 *g) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint4 a4 = h1[i], b4 = h3[i];
+        const moda_bf16_t *a = (const moda_bf16_t *)&a4, *b = (const moda_bf16_t *)&b4;
+        uint4 o4;
+        moda_bf16_t *o = (moda_bf16_t *)&o4;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float x = ld16(a, j), s = 1.0f / (1.0f + __expf(-x));
+            o[j] = to16(x * s * ld16(b, j));
+        }
+        g[i] = o4;
+    }
+}
+
+__global__ void k_swiglu_bwd_v(int64_t n8, const uint4 *h1, const uint4 *h3, const uint4 *dg, uint4 *dh1, uint4 *dh3) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint4 a4 = h1[i], b4 = h3[i], g4 = dg[i];
+        const moda_bf16_t *a = (const moda_bf16_t *)&a4, *b = (const moda_bf16_t *)&b4, *gd = (const moda_bf16_t *)&g4;
+        uint4 o1, o3;
+        moda_bf16_t *p1 = (moda_bf16_t *)&o1, *p3 = (moda_bf16_t *)&o3;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float x = ld16(a, j), y = ld16(b, j), e = ld16(gd, j), s = 1.0f / (1.0f + __expf(-x));
+            p3[j] = to16(e * x * s);
+            p1[j] = to16(e * y * s * (1.0f + x * (1.0f - s)));
+        }
+        dh3[i] = o3;
+        dh1[i] = o1;
+    }
+}
+
 int mg_swiglu_fwd(int64_t n, const moda_bf16_t *h1, const moda_bf16_t *h3, moda_bf16_t *g, void *stream) {
-    k_swiglu_fwd<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, h1, h3, g);
+    if (elem_legacy() || n % 8 || !aligned(h1, 16) || !aligned(h3, 16) || !aligned(g, 16))
+        k_swiglu_fwd<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, h1, h3, g);
+    else
+        k_swiglu_fwd_v<<<blocks_for(n / 8, 256), 256, 0, (cudaStream_t)stream>>>(n / 8, (const uint4 *)h1,
+                                                                                 (const uint4 *)h3, (uint4 *)g);
     return launched();
 }
 
 int mg_swiglu_bwd(int64_t n, const moda_bf16_t *h1, const moda_bf16_t *h3, const moda_bf16_t *dg, moda_bf16_t *dh1,
                   moda_bf16_t *dh3, void *stream) {
-    k_swiglu_bwd<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, h1, h3, dg, dh1, dh3);
+    if (elem_legacy() || n % 8 || !aligned(h1, 16) || !aligned(h3, 16) || !aligned(dg, 16) || !aligned(dh1, 16) ||
+        !aligned(dh3, 16))
+        k_swiglu_bwd<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, h1, h3, dg, dh1, dh3);
+    else
+        k_swiglu_bwd_v<<<blocks_for(n / 8, 256), 256, 0, (cudaStream_t)stream>>>(
+            n / 8, (const uint4 *)h1, (const uint4 *)h3, (const uint4 *)dg, (uint4 *)dh1, (uint4 *)dh3);
     return launched();
 }
 
+/* the residual adds and conversions, 4 elements per thread */
+__global__ void k_add_f32_v(int64_t n4, float *dst, const float *src, moda_bf16_t *dst16) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+        float a[4], b[4];
+        ld4f(dst + 4 * i, a);
+        ld4f(src + 4 * i, b);
+#pragma unroll
+        for (int j = 0; j < 4; j++) a[j] = a[j] + b[j];
+        st4f(dst + 4 * i, a);
+        if (dst16) st4h(dst16 + 4 * i, a);
+    }
+}
+
+__global__ void k_f32_to_bf16_v(int64_t n4, const float *src, moda_bf16_t *dst) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+        float a[4];
+        ld4f(src + 4 * i, a);
+        st4h(dst + 4 * i, a);
+    }
+}
+
 int mg_add_f32(int64_t n, float *dst, const float *src, moda_bf16_t *dst16, void *stream) {
-    k_add_f32<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, dst, src, dst16);
+    if (elem_legacy() || n % 4 || !aligned(dst, 16) || !aligned(src, 16) || !aligned(dst16, 8))
+        k_add_f32<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, dst, src, dst16);
+    else
+        k_add_f32_v<<<blocks_for(n / 4, 256), 256, 0, (cudaStream_t)stream>>>(n / 4, dst, src, dst16);
     return launched();
 }
 
 int mg_f32_to_bf16(int64_t n, const float *src, moda_bf16_t *dst, void *stream) {
-    k_f32_to_bf16<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, src, dst);
+    if (elem_legacy() || n % 4 || !aligned(src, 16) || !aligned(dst, 8))
+        k_f32_to_bf16<<<blocks_for(n, 256), 256, 0, (cudaStream_t)stream>>>(n, src, dst);
+    else
+        k_f32_to_bf16_v<<<blocks_for(n / 4, 256), 256, 0, (cudaStream_t)stream>>>(n / 4, src, dst);
+    return launched();
+}
+
+/* units per lane of a row of D columns for the vector kernels (0: take the scalar path) */
+static int units_per_lane(int64_t D) {
+    if (D % 4 || D > 1024 || D < 4) return 0;
+    const int64_t u = (D / 4 + 31) / 32;
+    return u <= 4 ? (int)u : u <= 6 ? 6 : 8;
+}
+#define ROWS_GRID(M) (unsigned)(((M) + 7) / 8)
+/* the launch of kernel macro L<units> for the units_per_lane() value mu */
+#define UNITS_DISPATCH(mu, L)                                                                                      \
+    do {                                                                                                           \
+        if ((mu) == 1) L(1);                                                                                       \
+        else if ((mu) == 2) L(2);                                                                                  \
+        else if ((mu) == 3) L(3);                                                                                  \
+        else if ((mu) == 4) L(4);                                                                                  \
+        else if ((mu) == 6) L(6);                                                                                  \
+        else L(8);                                                                                                 \
+    } while (0)
+
+static int rows_per_chunk(int64_t M, int64_t nchunk, int64_t *used) {
+    const int64_t rpc = (M + nchunk - 1) / nchunk;
+    *used = (M + rpc - 1) / rpc;
+    return (int)rpc;
+}
+
+int mg_rmsnorm_fwd(int64_t M, int64_t D, const moda_bf16_t *a, int64_t lda, const moda_bf16_t *b, moda_bf16_t *sum,
+                   const float *w, moda_bf16_t *y, int64_t ldy, float *rstd, void *stream) {
+    const int mu = units_per_lane(D);
+    cudaStream_t st = (cudaStream_t)stream;
+    if (elem_legacy() || !mu || lda % 4 || ldy % 4 || !aligned(a, 8) || !aligned(b, 8) || !aligned(sum, 8) ||
+        !aligned(y, 8) || !aligned(w, 16)) {
+        k_rmsnorm_fwd<<<ROWS_GRID(M), 256, 0, st>>>(M, D, a, lda, b, sum, w, y, ldy, rstd);
+        return launched();
+    }
+#define FWD(U) k_rmsnorm_fwd_v<U><<<ROWS_GRID(M), 256, 0, st>>>(M, (int)D, a, lda, b, sum, w, y, ldy, rstd)
+    UNITS_DISPATCH(mu, FWD);
+#undef FWD
+    return launched();
+}
+
+int mg_rmsnorm_bwd(int64_t M, int64_t D, const moda_bf16_t *x, int64_t ldx, const float *w, const float *rstd,
+                   const float *dy, int64_t ldy, float *dx32, int accumulate, moda_bf16_t *dx16, int64_t ldh,
+                   float *partial, int64_t nchunk, float *dw, void *stream) {
+    const int mu = units_per_lane(D);
+    cudaStream_t st = (cudaStream_t)stream;
+    if (elem_legacy() || !mu || ldx % 4 || ldy % 4 || ldh % 4 || !aligned(x, 8) || !aligned(dy, 16) ||
+        !aligned(dx32, 16) || !aligned(dx16, 8) || !aligned(w, 16)) {
+        int e = mg_rmsnorm_bwd_dw(M, D, x, ldx, rstd, dy, ldy, partial, nchunk, dw, stream);
+        if (e) return e;
+        return mg_rmsnorm_bwd_dx(M, D, x, ldx, w, rstd, dy, ldy, dx32, accumulate, dx16, ldh, stream);
+    }
+    int64_t used;
+    const int64_t rpc = rows_per_chunk(M, nchunk, &used);
+    const size_t smem = (size_t)8 * D * sizeof(float);
+#define BWD(U)                                                                                                     \
+    k_rmsnorm_bwd_v<U><<<(unsigned)used, 256, smem, st>>>(M, (int)D, x, ldx, w, rstd, dy, ldy, dx32, accumulate, dx16, \
+                                                         ldh, partial, rpc)
+    UNITS_DISPATCH(mu, BWD);
+#undef BWD
+    int e = launched();
+    if (e) return e;
+    k_rmsnorm_dw_reduce<<<(unsigned)((D + DW_COLS - 1) / DW_COLS), dim3(DW_COLS, DW_RED), 0, st>>>(D, used, partial, dw);
+    return launched();
+}
+
+/* units per lane of the (RoPE pair) kernels: rows of H heads of d, d a multiple of 8, at most 1024 wide */
+static int pair_units_per_lane(int64_t H, int64_t d) {
+    if (d % 8 || H * d > 1024 || H < 1) return 0;
+    const int64_t u = (H * d / 8 + 31) / 32;
+    return (int)u;
+}
+
+int mg_qk_fwd(int64_t M, int64_t T, int64_t H, int64_t d, const moda_bf16_t *in, int64_t ld_in, const float *w,
+              float *rstd, moda_bf16_t *out, int64_t ld_out, const float *cosv, const float *sinv, void *stream) {
+    const int mu = pair_units_per_lane(H, d);
+    cudaStream_t st = (cudaStream_t)stream;
+    if (elem_legacy() || !mu || ld_in % 4 || ld_out % 4 || !aligned(in, 8) || !aligned(out, 8) || !aligned(w, 16) ||
+        !aligned(cosv, 16) || !aligned(sinv, 16)) {
+        if (w) {
+            int e = mg_rmsnorm_fwd(M, H * d, in, ld_in, NULL, NULL, w, out, ld_out, rstd, stream);
+            if (e) return e;
+        }
+        return mg_rope_fwd(M, T, H, d, out, ld_out, cosv, sinv, stream);
+    }
+#define QF(U) k_qk_fwd_v<U><<<ROWS_GRID(M), 256, 0, st>>>(M, T, (int)H, (int)d, in, ld_in, w, rstd, out, ld_out, cosv, sinv)
+    if (mu == 1) QF(1);
+    else if (mu == 2) QF(2);
+    else if (mu == 3) QF(3);
+    else QF(4);
+#undef QF
+    return launched();
+}
+
+int mg_qk_bwd(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda_bf16_t *in16, int64_t ld_in,
+              const float *add32, int64_t ld_add, const moda_bf16_t *x, const float *w, const float *rstd,
+              moda_bf16_t *out16, int64_t ld_out, float *scratch32, float *partial, int64_t nchunk, float *dw,
+              const float *cosv, const float *sinv, void *stream) {
+    const int mu = pair_units_per_lane(H, d);
+    const int64_t W = H * d;
+    cudaStream_t st = (cudaStream_t)stream;
+    if (elem_legacy() || !mu || ld_in % 4 || ld_add % 4 || ld_out % 4 || !aligned(in16, 8) || !aligned(add32, 16) ||
+        !aligned(x, 8) || !aligned(w, 16) || !aligned(out16, 8) || !aligned(cosv, 16) || !aligned(sinv, 16)) {
+        if (!w) return mg_grad_combine(M, T, H, d, rotate, in16, ld_in, add32, ld_add, NULL, out16, cosv, sinv, stream);
+        int e = mg_grad_combine(M, T, H, d, rotate, in16, ld_in, add32, ld_add, scratch32, NULL, cosv, sinv, stream);
+        if (!e) e = mg_rmsnorm_bwd_dw(M, W, x, W, rstd, scratch32, W, partial, nchunk, dw, stream);
+        if (!e) e = mg_rmsnorm_bwd_dx(M, W, x, W, w, rstd, scratch32, W, NULL, 0, out16, ld_out, stream);
+        return e;
+    }
+    int64_t used;
+    const int64_t rpc = rows_per_chunk(M, nchunk, &used);
+    const size_t smem = w ? (size_t)8 * W * sizeof(float) : 0;
+#define QB(U)                                                                                                      \
+    k_qk_bwd_v<U><<<(unsigned)used, 256, smem, st>>>(M, T, (int)H, (int)d, rotate, in16, ld_in, add32, ld_add, x, w, rstd, \
+                                                     out16, ld_out, partial, rpc, cosv, sinv)
+    if (mu == 1) QB(1);
+    else if (mu == 2) QB(2);
+    else if (mu == 3) QB(3);
+    else QB(4);
+#undef QB
+    int e = launched();
+    if (e || !w) return e;
+    k_rmsnorm_dw_reduce<<<(unsigned)((W + DW_COLS - 1) / DW_COLS), dim3(DW_COLS, DW_RED), 0, st>>>(W, used, partial, dw);
     return launched();
 }
 

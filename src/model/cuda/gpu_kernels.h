@@ -40,6 +40,26 @@ int mg_rmsnorm_bwd_dx(int64_t M, int64_t D, const moda_bf16_t *x, int64_t ldx, c
 int mg_rmsnorm_bwd_dw(int64_t M, int64_t D, const moda_bf16_t *x, int64_t ldx, const float *rstd, const float *dy,
                       int64_t ldy, float *partial, int64_t nchunk, float *dw, void *stream);
 
+/* Both gradients of an RMSNorm (mg_rmsnorm_bwd_dx and mg_rmsnorm_bwd_dw in one pass where the row fits the
+ * vector kernels: dw's chunk partials come from the values read for dx). dy may equal dx32 (in place). */
+int mg_rmsnorm_bwd(int64_t M, int64_t D, const moda_bf16_t *x, int64_t ldx, const float *w, const float *rstd,
+                   const float *dy, int64_t ldy, float *dx32, int accumulate, moda_bf16_t *dx16, int64_t ldh,
+                   float *partial, int64_t nchunk, float *dw, void *stream);
+/* out = RoPE(w != NULL ? bf16(RMSNorm(in) * w) : in) on M rows of H heads of d, rstd written with the norm;
+ * without the norm in must equal out (in place, ld_in == ld_out). */
+int mg_qk_fwd(int64_t M, int64_t T, int64_t H, int64_t d, const moda_bf16_t *in, int64_t ld_in, const float *w,
+              float *rstd, moda_bf16_t *out, int64_t ld_out, const float *cosv, const float *sinv, void *stream);
+/* g = (in16 ? in16 : 0) + (add32 ? add32 : 0), inversely rotated with rotate; with w != NULL the backward of the
+ * norm whose input was x (dense rows of H*d) and statistics rstd: out16 = its input gradient, dw += its weight
+ * gradient (partial: nchunk * H*d floats of scratch); without w, out16 = bf16(g) (in place allowed).
+ * scratch32 (dense [M, H*d] fp32) is used only by the scalar fallback with w. */
+int mg_qk_bwd(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda_bf16_t *in16, int64_t ld_in,
+              const float *add32, int64_t ld_add, const moda_bf16_t *x, const float *w, const float *rstd,
+              moda_bf16_t *out16, int64_t ld_out, float *scratch32, float *partial, int64_t nchunk, float *dw,
+              const float *cosv, const float *sinv, void *stream);
+/* 1 when MODA_GPU_ELEM_LEGACY=1 (read once): every launcher takes the scalar kernels of the first version */
+int mg_elem_legacy(void);
+
 /* RoPE in place on M rows of H heads of d (row stride ld), pairs (i, i + d/2), row r at position r % T */
 int mg_rope_fwd(int64_t M, int64_t T, int64_t H, int64_t d, moda_bf16_t *x, int64_t ld, const float *cosv,
                 const float *sinv, void *stream);

@@ -56,6 +56,7 @@ typedef struct gblock {
 struct moda_gpu_model {
     moda_model_config c;
     int64_t B, T, M, L, max_micro;
+    int det_attn; /* the attention backward's mode (moda_options.deterministic) */
     int ntensors;
     moda_param_info *tab;
     int64_t nparams;
@@ -354,24 +355,29 @@ static moda_tensor lse_view(const moda_gpu_model *g, void *ptr) {
     int64_t shape[4] = {g->B, g->T, g->c.Hk, g->c.Hq / g->c.Hk};
     return moda_tensor_contiguous(ptr, MODA_F32, MODA_CUDA, 4, shape);
 }
-static moda_options attn_options(const gblock *b, int backward) {
-    return moda_model_attn_options(b->d0, b->d1, backward);
+static moda_options attn_options(const moda_gpu_model *g, const gblock *b, int backward) {
+    moda_options o = moda_model_attn_options(b->d0, b->d1, backward);
+    o.deterministic = g->det_attn;
+    return o;
 }
 
 static moda_status workspace_size(moda_gpu_model *g, size_t *bytes) {
     const moda_model_config *c = &g->c;
     const int64_t G = c->Hq / c->Hk;
     *bytes = 0;
-    for (int64_t i = 0; i < c->N; i++) {
-        gblock *b = &g->blk[i];
-        moda_options o = attn_options(b, 1);
+    /* both modes of the backward: the mode can change between steps (moda_gpu_model_set_deterministic_attention)
+     * and the non-deterministic one keeps a dQ accumulator the deterministic one does not */
+    for (int64_t i = 0; i < 2 * c->N; i++) {
+        gblock *b = &g->blk[i % c->N];
+        moda_options o = attn_options(g, b, 1);
+        o.deterministic = i < c->N;
         int depth = b->d1 > b->d0;
         moda_tensor q = moda_tensor_q_standard(b->q, MODA_BF16, MODA_CUDA, g->B, g->T, c->Hk, G, c->d);
         moda_tensor k = kv_view(g, b->k, b->k_ld), v = kv_view(g, b->v, b->v_ld);
         moda_tensor kd = depth_view(g, g->kd, MODA_BF16), vd = depth_view(g, g->vd, MODA_BF16);
         size_t w = 0;
         moda_status st = moda_backward_workspace_size(&o, &q, &k, &v, depth ? &kd : NULL, depth ? &vd : NULL, &w);
-        if (st != MODA_OK) return moda_model_fail(st, "attention of block %lld: %s", (long long)i, moda_last_error());
+        if (st != MODA_OK) return moda_model_fail(st, "attention of block %lld: %s", (long long)(i % c->N), moda_last_error());
         if (w > *bytes) *bytes = w;
     }
     return MODA_OK;
@@ -438,6 +444,7 @@ static moda_status create(moda_gpu_model *g, const moda_model_config *config, in
     g->M = B * T;
     g->L = moda_model_slots(c);
     g->max_micro = max_micro;
+    g->det_attn = 1;
     g->head_rows = ((int64_t)1 << 24) / c->V; /* fp32 logits chunk of at most 64 MB */
     if (g->head_rows < 1) g->head_rows = 1;
     if (g->head_rows > g->M) g->head_rows = g->M;
@@ -552,6 +559,13 @@ moda_status moda_gpu_model_create(moda_gpu_model **out, const moda_model_config 
     return MODA_OK;
 }
 
+moda_status moda_gpu_model_set_deterministic_attention(moda_gpu_model *g, int deterministic) {
+    if (deterministic != 0 && deterministic != 1)
+        return moda_model_fail(MODA_ERR_INVALID_ARGUMENT, "the attention determinism must be 0 or 1, not %d", deterministic);
+    g->det_attn = deterministic;
+    return MODA_OK;
+}
+
 int64_t moda_gpu_model_micro_batch(const moda_gpu_model *g) { return g->B; }
 size_t moda_gpu_model_device_bytes(const moda_gpu_model *g) {
     return g->arena_bytes + (size_t)g->nparams * 18 + LT_WS_BYTES;
@@ -636,7 +650,7 @@ static moda_status depth_write(moda_gpu_model *g, int64_t slot, const bf16 *in, 
     GEMM(g, 0, 0, M, kvd, D, in, D, Wk, kvd, 0, ks, ld, 0);
     GEMM(g, 0, 0, M, kvd, D, in, D, Wv, kvd, 0, vs, ld, 0);
     mark(g, MODA_GPU_PHASE_ELEM);
-    KL(mg_rope_fwd(M, g->T, g->c.Hk, g->c.d, ks, ld, g->rope_cos, g->rope_sin, g->stream));
+    KL(mg_qk_fwd(M, g->T, g->c.Hk, g->c.d, ks, ld, NULL, NULL, ks, ld, g->rope_cos, g->rope_sin, g->stream));
     return MODA_OK;
 }
 
@@ -644,10 +658,10 @@ static moda_status depth_write_bwd(moda_gpu_model *g, int64_t slot, const bf16 *
                                    float *dWk, float *dWv, float *din) {
     const int64_t kvd = g->c.Hk * g->c.d, ld = g->L * kvd, M = g->M, D = g->c.D;
     mark(g, MODA_GPU_PHASE_ELEM);
-    KL(mg_grad_combine(M, g->T, g->c.Hk, g->c.d, 1, NULL, 0, g->dkd + slot * kvd, ld, NULL, g->dkf16, g->rope_cos,
-                       g->rope_sin, g->stream));
-    KL(mg_grad_combine(M, g->T, g->c.Hk, g->c.d, 0, NULL, 0, g->dvd + slot * kvd, ld, NULL, g->dvf16, g->rope_cos,
-                       g->rope_sin, g->stream));
+    KL(mg_qk_bwd(M, g->T, g->c.Hk, g->c.d, 1, NULL, 0, g->dkd + slot * kvd, ld, NULL, NULL, NULL, g->dkf16, kvd, NULL,
+                 NULL, g->dw_chunks, NULL, g->rope_cos, g->rope_sin, g->stream));
+    KL(mg_qk_bwd(M, g->T, g->c.Hk, g->c.d, 0, NULL, 0, g->dvd + slot * kvd, ld, NULL, NULL, NULL, g->dvf16, kvd, NULL,
+                 NULL, g->dw_chunks, NULL, g->rope_cos, g->rope_sin, g->stream));
     GEMM(g, 1, 0, D, kvd, M, in, D, g->dkf16, kvd, 1, dWk, kvd, 1);
     GEMM(g, 1, 0, D, kvd, M, in, D, g->dvf16, kvd, 1, dWv, kvd, 1);
     GEMM(g, 0, 1, M, D, kvd, g->dkf16, kvd, Wk, kvd, 1, din, D, 1);
@@ -658,7 +672,7 @@ static moda_status depth_write_bwd(moda_gpu_model *g, int64_t slot, const bf16 *
 static moda_status attn_call(moda_gpu_model *g, gblock *b, int64_t i, int backward) {
     const moda_model_config *c = &g->c;
     const int64_t G = c->Hq / c->Hk;
-    moda_options o = attn_options(b, backward);
+    moda_options o = attn_options(g, b, backward);
     moda_tensor q = moda_tensor_q_standard(b->q, MODA_BF16, MODA_CUDA, g->B, g->T, c->Hk, G, c->d);
     moda_tensor out = moda_tensor_q_standard(b->a, MODA_BF16, MODA_CUDA, g->B, g->T, c->Hk, G, c->d);
     moda_tensor k = kv_view(g, b->k, b->k_ld), v = kv_view(g, b->v, b->v_ld);
@@ -699,20 +713,21 @@ static moda_status forward_blocks(moda_gpu_model *g, const int32_t *tok) {
         bf16 *xout = i + 1 < c->N ? g->blk[i + 1].x : g->xfinal;
         /* ---- attention sublayer (pre-norm: xn_a was written by the previous block's last kernel) ---- */
         const bf16 *xin = c->post_norm ? b->x : b->xn_a;
+        /* QK-norm (when on) and RoPE in one kernel per projection, from the GEMM's output into q / the k slot */
         if (c->qk_norm) {
             GEMM(g, 0, 0, M, qd, D, xin, D, P16(i, MP_WQ), qd, 0, b->qr, qd, 0);
             GEMM(g, 0, 0, M, kvd, D, xin, D, P16(i, MP_WK), kvd, 0, b->kr, kvd, 0);
-            mark(g, MODA_GPU_PHASE_ELEM);
-            KL(mg_rmsnorm_fwd(M, qd, b->qr, qd, NULL, NULL, P32(i, MP_QNORM), b->q, qd, b->rstd_q, g->stream));
-            KL(mg_rmsnorm_fwd(M, kvd, b->kr, kvd, NULL, NULL, P32(i, MP_KNORM), b->k, b->k_ld, b->rstd_k, g->stream));
         } else {
             GEMM(g, 0, 0, M, qd, D, xin, D, P16(i, MP_WQ), qd, 0, b->q, qd, 0);
             GEMM(g, 0, 0, M, kvd, D, xin, D, P16(i, MP_WK), kvd, 0, b->k, b->k_ld, 0);
         }
         GEMM(g, 0, 0, M, kvd, D, xin, D, P16(i, MP_WV), kvd, 0, b->v, b->v_ld, 0);
         mark(g, MODA_GPU_PHASE_ELEM);
-        KL(mg_rope_fwd(M, g->T, c->Hq, c->d, b->q, qd, g->rope_cos, g->rope_sin, g->stream));
-        KL(mg_rope_fwd(M, g->T, c->Hk, c->d, b->k, b->k_ld, g->rope_cos, g->rope_sin, g->stream));
+        KL(mg_qk_fwd(M, g->T, c->Hq, c->d, c->qk_norm ? b->qr : b->q, qd, c->qk_norm ? P32(i, MP_QNORM) : NULL,
+                     b->rstd_q, b->q, qd, g->rope_cos, g->rope_sin, g->stream));
+        KL(mg_qk_fwd(M, g->T, c->Hk, c->d, c->qk_norm ? b->kr : b->k, c->qk_norm ? kvd : b->k_ld,
+                     c->qk_norm ? P32(i, MP_KNORM) : NULL, b->rstd_k, b->k, b->k_ld, g->rope_cos, g->rope_sin,
+                     g->stream));
         if (c->depth == MODA_DEPTH_SRC_EXTRA) TRY(depth_write(g, b->slot_attn, xin, P16(i, MP_WKD), P16(i, MP_WVD)));
         TRY(attn_call(g, b, i, 0));
         GEMM(g, 0, 0, M, D, qd, b->a, qd, P16(i, MP_WO), D, 0, tmp, D, 0);
@@ -760,8 +775,8 @@ static moda_status backward_blocks(moda_gpu_model *g, const int32_t *tok_dev, in
         mark(g, MODA_GPU_PHASE_ELEM);
         if (c->post_norm) {
             /* the weight's gradient first: the input gradient then overwrites dx in place */
-            KL(mg_rmsnorm_bwd_dw(M, D, b->sum_f, D, b->rstd_f, dx, D, g->dw_partial, nch, G32(i, MP_FFN_NORM), g->stream));
-            KL(mg_rmsnorm_bwd_dx(M, D, b->sum_f, D, P32(i, MP_FFN_NORM), b->rstd_f, dx, D, dx, 0, dx16, D, g->stream));
+            KL(mg_rmsnorm_bwd(M, D, b->sum_f, D, P32(i, MP_FFN_NORM), b->rstd_f, dx, D, dx, 0, dx16, D, g->dw_partial, nch,
+                              G32(i, MP_FFN_NORM), g->stream));
         }
         const bf16 *fin = c->post_norm ? b->xmid : b->xn_f;
         GEMM(g, 0, 1, M, F, D, dx16, D, P16(i, MP_W2), D, 0, g->dg, F, 0);
@@ -776,15 +791,15 @@ static moda_status backward_blocks(moda_gpu_model *g, const int32_t *tok_dev, in
             TRY(depth_write_bwd(g, b->slot_ffn, fin, P16(i, MP_WKF), P16(i, MP_WVF), G32(i, MP_WKF), G32(i, MP_WVF), dxin));
         mark(g, MODA_GPU_PHASE_ELEM);
         if (!c->post_norm) {
-            KL(mg_rmsnorm_bwd_dw(M, D, b->xmid, D, b->rstd_f, dxin, D, g->dw_partial, nch, G32(i, MP_FFN_NORM), g->stream));
-            KL(mg_rmsnorm_bwd_dx(M, D, b->xmid, D, P32(i, MP_FFN_NORM), b->rstd_f, dxin, D, dx, 1, dx16, D, g->stream));
+            KL(mg_rmsnorm_bwd(M, D, b->xmid, D, P32(i, MP_FFN_NORM), b->rstd_f, dxin, D, dx, 1, dx16, D, g->dw_partial,
+                              nch, G32(i, MP_FFN_NORM), g->stream));
         } else {
             KL(mg_add_f32(M * D, dx, dxin, dx16, g->stream));
         }
         /* ---- attention sublayer: dx holds dL/d(xmid) ---- */
         if (c->post_norm) {
-            KL(mg_rmsnorm_bwd_dw(M, D, b->sum_a, D, b->rstd_a, dx, D, g->dw_partial, nch, G32(i, MP_ATTN_NORM), g->stream));
-            KL(mg_rmsnorm_bwd_dx(M, D, b->sum_a, D, P32(i, MP_ATTN_NORM), b->rstd_a, dx, D, dx, 0, dx16, D, g->stream));
+            KL(mg_rmsnorm_bwd(M, D, b->sum_a, D, P32(i, MP_ATTN_NORM), b->rstd_a, dx, D, dx, 0, dx16, D, g->dw_partial,
+                              nch, G32(i, MP_ATTN_NORM), g->stream));
         }
         const bf16 *xin = c->post_norm ? b->x : b->xn_a;
         GEMM(g, 0, 1, M, qd, D, dx16, D, P16(i, MP_WO), D, 0, g->da, qd, 0);
@@ -796,22 +811,18 @@ static moda_status backward_blocks(moda_gpu_model *g, const int32_t *tok_dev, in
         const int own_slot = c->depth == MODA_DEPTH_SRC_ATTN || c->depth == MODA_DEPTH_SRC_ATTN_FFN;
         const float *addk = own_slot ? g->dkd + b->slot_attn * kvd : NULL;
         const float *addv = own_slot ? g->dvd + b->slot_attn * kvd : NULL;
-        KL(mg_grad_combine(M, g->T, c->Hq, c->d, 1, g->dq, qd, NULL, 0, c->qk_norm ? g->dqr32 : NULL,
-                           c->qk_norm ? NULL : g->dq, g->rope_cos, g->rope_sin, g->stream));
-        KL(mg_grad_combine(M, g->T, c->Hk, c->d, 1, g->dk, kvd, addk, Ld, c->qk_norm ? g->dkr32 : NULL,
-                           c->qk_norm ? NULL : g->dk, g->rope_cos, g->rope_sin, g->stream));
+        /* QK-norm: its backward in the same kernel, into dh1 / dh3 (free here); otherwise in place */
+        bf16 *dqr = c->qk_norm ? g->dh1 : g->dq, *dkr = c->qk_norm ? g->dh3 : g->dk;
+        const int qn = c->qk_norm;
+        KL(mg_qk_bwd(M, g->T, c->Hq, c->d, 1, g->dq, qd, NULL, 0, qn ? b->qr : NULL, qn ? P32(i, MP_QNORM) : NULL,
+                     b->rstd_q, dqr, qd, g->dqr32, g->dw_partial, nch, qn ? G32(i, MP_QNORM) : NULL, g->rope_cos,
+                     g->rope_sin, g->stream));
+        KL(mg_qk_bwd(M, g->T, c->Hk, c->d, 1, g->dk, kvd, addk, Ld, qn ? b->kr : NULL, qn ? P32(i, MP_KNORM) : NULL,
+                     b->rstd_k, dkr, kvd, g->dkr32, g->dw_partial, nch, qn ? G32(i, MP_KNORM) : NULL, g->rope_cos,
+                     g->rope_sin, g->stream));
         if (own_slot)
-            KL(mg_grad_combine(M, g->T, c->Hk, c->d, 0, g->dv, kvd, addv, Ld, NULL, g->dv, g->rope_cos, g->rope_sin,
-                               g->stream));
-        bf16 *dqr = g->dq, *dkr = g->dk;
-        if (c->qk_norm) {
-            dqr = g->dh1;
-            dkr = g->dh3;
-            KL(mg_rmsnorm_bwd_dw(M, qd, b->qr, qd, b->rstd_q, g->dqr32, qd, g->dw_partial, nch, G32(i, MP_QNORM), g->stream));
-            KL(mg_rmsnorm_bwd_dx(M, qd, b->qr, qd, P32(i, MP_QNORM), b->rstd_q, g->dqr32, qd, NULL, 0, dqr, qd, g->stream));
-            KL(mg_rmsnorm_bwd_dw(M, kvd, b->kr, kvd, b->rstd_k, g->dkr32, kvd, g->dw_partial, nch, G32(i, MP_KNORM), g->stream));
-            KL(mg_rmsnorm_bwd_dx(M, kvd, b->kr, kvd, P32(i, MP_KNORM), b->rstd_k, g->dkr32, kvd, NULL, 0, dkr, kvd, g->stream));
-        }
+            KL(mg_qk_bwd(M, g->T, c->Hk, c->d, 0, g->dv, kvd, addv, Ld, NULL, NULL, NULL, g->dv, kvd, NULL, NULL, nch,
+                         NULL, g->rope_cos, g->rope_sin, g->stream));
         GEMM(g, 1, 0, D, qd, M, xin, D, dqr, qd, 1, G32(i, MP_WQ), qd, 1);
         GEMM(g, 1, 0, D, kvd, M, xin, D, dkr, kvd, 1, G32(i, MP_WK), kvd, 1);
         GEMM(g, 1, 0, D, kvd, M, xin, D, g->dv, kvd, 1, G32(i, MP_WV), kvd, 1);
@@ -822,8 +833,8 @@ static moda_status backward_blocks(moda_gpu_model *g, const int32_t *tok_dev, in
             TRY(depth_write_bwd(g, b->slot_attn, xin, P16(i, MP_WKD), P16(i, MP_WVD), G32(i, MP_WKD), G32(i, MP_WVD), dxin));
         mark(g, MODA_GPU_PHASE_ELEM);
         if (!c->post_norm) {
-            KL(mg_rmsnorm_bwd_dw(M, D, b->x, D, b->rstd_a, dxin, D, g->dw_partial, nch, G32(i, MP_ATTN_NORM), g->stream));
-            KL(mg_rmsnorm_bwd_dx(M, D, b->x, D, P32(i, MP_ATTN_NORM), b->rstd_a, dxin, D, dx, 1, dx16, D, g->stream));
+            KL(mg_rmsnorm_bwd(M, D, b->x, D, P32(i, MP_ATTN_NORM), b->rstd_a, dxin, D, dx, 1, dx16, D, g->dw_partial, nch,
+                              G32(i, MP_ATTN_NORM), g->stream));
         } else {
             KL(mg_add_f32(M * D, dx, dxin, dx16, g->stream));
         }
@@ -861,10 +872,8 @@ static moda_status micro_step(moda_gpu_model *g, int64_t u, int64_t nuniq, int64
     KL(mg_sum_to(M, g->rowloss, &g->scalars[0], g->stream));
     if (!grads) return MODA_OK;
     if (!c->post_norm) {
-        KL(mg_rmsnorm_bwd_dw(M, D, g->xfinal, D, g->rstd_final, dxf, D, g->dw_partial, g->dw_chunks,
-                             G32(-1, MP_FINAL_NORM), g->stream));
-        KL(mg_rmsnorm_bwd_dx(M, D, g->xfinal, D, P32(-1, MP_FINAL_NORM), g->rstd_final, dxf, D, g->dx, 0, g->dx16, D,
-                             g->stream));
+        KL(mg_rmsnorm_bwd(M, D, g->xfinal, D, P32(-1, MP_FINAL_NORM), g->rstd_final, dxf, D, g->dx, 0, g->dx16, D,
+                          g->dw_partial, g->dw_chunks, G32(-1, MP_FINAL_NORM), g->stream));
     } else {
         KL(mg_f32_to_bf16(M * D, g->dx, g->dx16, g->stream));
     }
