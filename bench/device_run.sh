@@ -64,10 +64,10 @@ if has test || has sanitize; then
     ns=1
     has sanitize && ns=0
     if has test; then
-        MODA_GPU_TEST_NO_SANITIZER=$ns timeout ${TEST_TIMEOUT:-300} bash tests/gpu/run.sh "$BUILD/gpu_sel" > "$OUT/gpu_test.log" 2>&1
+        MODA_GPU_TEST_NO_SANITIZER=$ns timeout ${TEST_TIMEOUT:-540} bash tests/gpu/run.sh "$BUILD/gpu_sel" > "$OUT/gpu_test.log" 2>&1
     else
         # sanitizers only: run.sh with every full test skipped is not offered, so run the quick grids
-        MODA_TEST_QUICK=1 MODA_GPU_TEST_NO_SANITIZER=0 timeout ${TEST_TIMEOUT:-300} bash tests/gpu/run.sh "$BUILD/gpu_sel" > "$OUT/gpu_test.log" 2>&1
+        MODA_TEST_QUICK=1 MODA_GPU_TEST_NO_SANITIZER=0 timeout ${TEST_TIMEOUT:-540} bash tests/gpu/run.sh "$BUILD/gpu_sel" > "$OUT/gpu_test.log" 2>&1
     fi
     rc=$?
     grep -E "FAIL|passed|failed|sampled|skip|ERROR SUMMARY|==" "$OUT/gpu_test.log" | head -60
