@@ -8,6 +8,7 @@ object says the device needs it (non-unit innermost stride on CUDA, or negative 
 
 import ctypes
 import math
+import os
 
 import numpy as np
 
@@ -172,8 +173,6 @@ def lse_is_double(dtype_code):
     return dtype_code == _lib.F64
 
 
-# ---- the two C calls -----------------------------------------------------------------------------------------
-
 class Operand:
     """One array as the C API sees it: the ctypes moda_tensor plus the Python object that owns the memory."""
 
@@ -209,22 +208,125 @@ def check_kinds(q, k, v, kd, vd, ops):
             check_ndim(name, ops.shape(x), (nd,), "%d-D %s" % (nd, layout))
 
 
+# ---- per-signature plans ----------------------------------------------------------------------------------------
+#
+# Everything a call derives from its inputs' shapes, strides, dtypes and devices and from its options (the
+# validation above, the 5-D views, the output plans, the moda_tensor descriptors, the moda_options struct) is the
+# same for every call with the same signature, so the first call computes it on the full path below and later
+# calls reuse it: they read each input's signature and pointer, allocate the outputs, copy the cached descriptors
+# with the new pointers in and call the library (which validates every call in full, pointers included). A call
+# whose inputs need a copy (ops.prepare) always takes the full path. The backward workspace size is asked every
+# call: the CPU one follows the OpenMP thread count.
+
+_PLAN_LIMIT = 256  # distinct signatures kept per entry point; a model has a handful
+
+# MODA_FAST_PATHS: "cpu" (the default) uses the plans and the eager torch shortcut (_torch.py) for CPU arrays and
+# tensors only, "1" for CUDA tensors too, "0" nowhere. CUDA stays opt-in until the GPU suite has run with it.
+FAST_PATHS = os.environ.get("MODA_FAST_PATHS", "cpu").strip().lower()
+PLANS = FAST_PATHS != "0"
+FAST_CUDA = FAST_PATHS in ("1", "all", "cuda")
+
+
+class _Plan:
+    __slots__ = ("opts", "templates", "allocs")
+
+    def __init__(self, opts, operands, allocs):
+        self.opts = opts
+        # moda_tensor descriptors with the data pointer cleared: copied and filled per call
+        self.templates = tuple(None if op is None else _template(op.tensor) for op in operands)
+        self.allocs = allocs
+
+
+def _template(t):
+    c = _lib.Tensor.from_buffer_copy(t)
+    c.data = None
+    return bytes(c)
+
+
+_new_tensor = _lib.Tensor.from_buffer_copy
+_byref = ctypes.byref
+
+
+def _refs(templates, arrays, data_ptr):
+    refs = []
+    for tpl, x in zip(templates, arrays):
+        if tpl is None:
+            refs.append(None)
+        else:
+            t = _new_tensor(tpl)
+            t.data = data_ptr(x)
+            refs.append(_byref(t))
+    return refs
+
+
+def _signature(array_signature, arrays):
+    """The plan key of these operands (None for absent ones), or None when one of them cannot have a plan."""
+    sig = []
+    for x in arrays:
+        if x is None:
+            sig.append(None)
+        else:
+            one = array_signature(x)
+            if one is None:
+                return None
+            sig.append(one)
+    return tuple(sig)
+
+
+def _remember(cache, key, plan):
+    if key is not None:
+        if len(cache) >= _PLAN_LIMIT:
+            cache.clear()
+        cache[key] = plan
+
+
+_FORWARD_PLANS = {}
+_BACKWARD_PLANS = {}
+
+
+# ---- the two C calls -----------------------------------------------------------------------------------------
+
 def forward(ops, cfg, q, k, v, kd, vd):
     """Runs moda_forward; returns (o, lse) allocated by ops."""
+    key = _signature(ops.array_signature, (q, k, v, kd, vd)) if PLANS else None
+    if key is not None:
+        key = (key, cfg.as_args())
+        plan = _FORWARD_PLANS.get(key)
+        if plan is not None:
+            o_spec, lse_spec = plan.allocs
+            o = ops.alloc(o_spec)
+            lse = ops.alloc(lse_spec)
+            refs = _refs(plan.templates, (q, k, v, kd, vd, o, lse), ops.data_ptr)
+            with ops.device_guard(q):
+                status = _lib.lib().moda_forward(_byref(plan.opts), *refs, ops.stream(q))
+            if status:
+                _lib.check(status)
+            return o, lse
+    return _forward_full(ops, cfg, q, k, v, kd, vd, key)
+
+
+def _forward_full(ops, cfg, q, k, v, kd, vd, key):
     check_kinds(q, k, v, kd, vd, ops)
-    q, k, v, kd, vd = (ops.prepare(x) for x in (q, k, v, kd, vd))
+    given = (q, k, v, kd, vd)
+    q, k, v, kd, vd = (ops.prepare(x) for x in given)
+    if any(a is not b for a, b in zip(given, (q, k, v, kd, vd))):
+        key = None
     hk = kv_heads(ops.shape(q), ops.shape(k) if k is not None else None, ops.shape(kd) if kd is not None else None)
     (o_shape, o_stride), (l_shape, l_stride) = forward_plan(
         ops.shape(q), ops.stride(q), ops.shape(v) if v is not None else None,
         ops.shape(vd) if vd is not None else None)
     tq = describe(ops, q, "q", hk)
+    l_dtype = "f64" if lse_is_double(tq.tensor.dtype) else "f32"
     o = ops.empty(o_shape, o_stride, q, None)
-    lse = ops.empty(l_shape, l_stride, q, "f64" if lse_is_double(tq.tensor.dtype) else "f32")
+    lse = ops.empty(l_shape, l_stride, q, l_dtype)
     args = [tq] + [describe(ops, x, n) for x, n in ((k, "k"), (v, "v"), (kd, "kd"), (vd, "vd"))]
     args += [describe(ops, o, "o", hk), describe(ops, lse, "lse", hk)]
     opts = cfg.options()
     with ops.device_guard(q):
         _lib.check(_lib.lib().moda_forward(ctypes.byref(opts), *[_ref(a) for a in args], ops.stream(q)))
+    if key is not None:
+        allocs = (ops.alloc_spec(o_shape, o_stride, q, None), ops.alloc_spec(l_shape, l_stride, q, l_dtype))
+        _remember(_FORWARD_PLANS, key, _Plan(opts, args, allocs))
     return o, lse
 
 
@@ -232,6 +334,36 @@ def backward(ops, cfg, q, k, v, kd, vd, o, lse, do, dkd=None, dvd=None, accumula
     """Runs moda_backward; returns (dq, dk, dv, dkd, dvd) (None for absent operands). dkd/dvd, when given, are
     written in place (added into with accumulate) and returned; otherwise fresh zero-filled ones are, so that
     the slots outside the depth range read as the zero gradient they are."""
+    key = _signature(ops.array_signature, (q, k, v, kd, vd, o, lse, do, dkd, dvd)) if PLANS else None
+    if key is not None:
+        key = (key, cfg.as_args(), accumulate)
+        plan = _BACKWARD_PLANS.get(key)
+        if plan is not None:
+            dq_spec, dk_spec, dv_spec, dkd_spec, dvd_spec = plan.allocs
+            dq = ops.alloc(dq_spec)
+            dk = None if dk_spec is None else ops.alloc(dk_spec)
+            dv = None if dv_spec is None else ops.alloc(dv_spec)
+            if dkd_spec is not None:
+                dkd = ops.alloc(dkd_spec)
+            if dvd_spec is not None:
+                dvd = ops.alloc(dvd_spec)
+            refs = _refs(plan.templates, (q, k, v, kd, vd, o, lse, do, dq, dk, dv, dkd, dvd), ops.data_ptr)
+            L = _lib.lib()
+            size = ctypes.c_size_t(0)
+            status = L.moda_backward_workspace_size(_byref(plan.opts), *refs[:5], _byref(size))
+            if status:
+                _lib.check(status)
+            size = size.value
+            workspace = ops.workspace(size, q)
+            with ops.device_guard(q):
+                status = L.moda_backward(_byref(plan.opts), *refs, ops.pointer(workspace), size, ops.stream(q))
+            if status:
+                _lib.check(status)
+            return dq, dk, dv, dkd, dvd
+    return _backward_full(ops, cfg, q, k, v, kd, vd, o, lse, do, dkd, dvd, accumulate, key)
+
+
+def _backward_full(ops, cfg, q, k, v, kd, vd, o, lse, do, dkd, dvd, accumulate, key):
     check_kinds(q, k, v, kd, vd, ops)
     for name, x in (("o", o), ("lse", lse), ("do", do), ("dkd", dkd), ("dvd", dvd)):
         if x is not None and not ops.owns(x):
@@ -252,22 +384,39 @@ def backward(ops, cfg, q, k, v, kd, vd, o, lse, do, dkd=None, dvd=None, accumula
     if accumulate and kd is not None and (dkd is None or dvd is None):
         raise MODAError(_lib.ERR_INVALID_ARGUMENT,
                         "accumulate_depth_grad=True needs the dkd and dvd buffers to add into")
-    q, k, v, kd, vd, o, lse, do = (ops.prepare(x) for x in (q, k, v, kd, vd, o, lse, do))
+    given = (q, k, v, kd, vd, o, lse, do)
+    q, k, v, kd, vd, o, lse, do = (ops.prepare(x) for x in given)
+    if any(a is not b for a, b in zip(given, (q, k, v, kd, vd, o, lse, do))):
+        key = None
     hk = kv_heads(ops.shape(q), ops.shape(k) if k is not None else None, ops.shape(kd) if kd is not None else None)
-    dq = ops.empty(*like_plan(ops.shape(q), ops.stride(q)), q, None)
-    dk = None if k is None else ops.empty(*like_plan(ops.shape(k), ops.stride(k)), k, None)
-    dv = None if v is None else ops.empty(*like_plan(ops.shape(v), ops.stride(v)), v, None)
+    specs = []
+
+    def fresh(plan, like, zero=False):
+        specs.append(ops.alloc_spec(*plan, like, None, zero))
+        return ops.zeros(*plan, like) if zero else ops.empty(*plan, like, None)
+
+    dq = fresh(like_plan(ops.shape(q), ops.stride(q)), q)
+    dk = None if k is None else fresh(like_plan(ops.shape(k), ops.stride(k)), k)
+    dv = None if v is None else fresh(like_plan(ops.shape(v), ops.stride(v)), v)
+    if k is None:
+        specs.insert(1, None)
+    if v is None:
+        specs.insert(2, None)
+
     # Overwrite mode writes every visible slot, so fresh depth gradients need zero-filling only when some slots
     # are outside [d0, d1): filling a full range would cost a write of the whole buffer (4.8 GB for S2).
     def fresh_depth_grad(buf):
         lcap = ops.shape(buf)[2]
         covers_all = cfg.d0 == 0 and (cfg.d1 == _lib.DEPTH_ALL or cfg.d1 >= lcap)
-        plan = like_plan(ops.shape(buf), ops.stride(buf))
-        return ops.empty(*plan, buf, None) if covers_all else ops.zeros(*plan, buf)
+        return fresh(like_plan(ops.shape(buf), ops.stride(buf)), buf, zero=not covers_all)
     if dkd is None and kd is not None:
         dkd = fresh_depth_grad(kd)
+    else:
+        specs.append(None)
     if dvd is None and vd is not None:
         dvd = fresh_depth_grad(vd)
+    else:
+        specs.append(None)
     ins = [describe(ops, q, "q", hk)] + [describe(ops, x, n) for x, n in ((k, "k"), (v, "v"), (kd, "kd"), (vd, "vd"))]
     ins += [describe(ops, o, "o", hk), describe(ops, lse, "lse", hk), describe(ops, do, "do", hk)]
     outs = [describe(ops, dq, "dq", hk)] + [describe(ops, x, n) for x, n in
@@ -280,6 +429,8 @@ def backward(ops, cfg, q, k, v, kd, vd, o, lse, do, dkd=None, dvd=None, accumula
     with ops.device_guard(q):
         _lib.check(L.moda_backward(ctypes.byref(opts), *[_ref(a) for a in ins + outs], ops.pointer(workspace),
                                    size.value, ops.stream(q)))
+    if key is not None:
+        _remember(_BACKWARD_PLANS, key, _Plan(opts, ins + outs, tuple(specs)))
     return dq, dk, dv, dkd, dvd
 
 
@@ -345,6 +496,29 @@ class NumpyOps:
         return x
 
     @staticmethod
+    def array_signature(x):
+        """What a cached plan depends on: shape, byte strides, dtype (byte order included) and the flags that
+        NumpyOps.prepare and check_writable read; None (no plan) unless x is a plain ndarray."""
+        if type(x) is not np.ndarray:
+            return None
+        f = x.flags
+        return x.shape, x.strides, x.dtype, f.aligned, f.writeable
+
+    @staticmethod
+    def alloc_spec(shape, stride, like, dtype, zero=False):
+        """What NumpyOps.empty (or zeros) does for these arguments, precomputed for NumpyOps.alloc."""
+        dt = like.dtype if dtype is None else (np.float64 if dtype == "f64" else np.float32)
+        order = order_of(shape, stride)
+        perm = tuple(int(i) for i in np.argsort(order))
+        return (tuple(shape[i] for i in order), np.dtype(dt), None if perm == tuple(range(len(perm))) else perm, zero)
+
+    @staticmethod
+    def alloc(spec):
+        shape, dt, perm, zero = spec
+        x = np.zeros(shape, dt) if zero else np.empty(shape, dt)
+        return x if perm is None else x.transpose(perm)
+
+    @staticmethod
     def check_writable(x, name):
         if not x.flags.writeable:
             raise MODAError(_lib.ERR_INVALID_ARGUMENT, "%s is read-only, but the depth gradients are written into it" % name)
@@ -359,6 +533,10 @@ class NumpyOps:
     @staticmethod
     def pointer(ws):
         return None if ws is None else ws.ctypes.data
+
+    @staticmethod
+    def data_ptr(x):
+        return x.ctypes.data
 
     @staticmethod
     def stream(x):

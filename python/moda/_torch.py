@@ -3,9 +3,11 @@ autograd formula, so that eager mode, autograd and torch.compile all see one opa
 
 CPU tensors run on libmoda's CPU path, CUDA tensors on its CUDA path on torch's current stream. The fake
 kernels allocate exactly what the real ones do (the shared plans of _core), which torch.compile relies on.
+Plain eager calls, which nothing observes, skip the dispatcher (see "eager calls without the dispatcher").
 """
 
 import contextlib
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -71,6 +73,25 @@ class TorchOps:
         return torch.zeros_like(TorchOps.empty(shape, stride, like, None))
 
     @staticmethod
+    def array_signature(x):
+        """What a cached plan depends on (see _core): shape, strides, dtype and device; None (no plan) for
+        non-tensors, and for CUDA tensors unless MODA_FAST_PATHS=1."""
+        if not isinstance(x, torch.Tensor) or (x.is_cuda and not _core.FAST_CUDA):
+            return None
+        return x.shape, x.stride(), x.dtype, x.device
+
+    @staticmethod
+    def alloc_spec(shape, stride, like, dtype, zero=False):
+        dt = like.dtype if dtype is None else (torch.float64 if dtype == "f64" else torch.float32)
+        return tuple(shape), tuple(stride), dt, like.device, zero
+
+    @staticmethod
+    def alloc(spec):
+        shape, stride, dt, device, zero = spec
+        x = torch.empty_strided(shape, stride, dtype=dt, device=device)
+        return x.zero_() if zero else x
+
+    @staticmethod
     def check_writable(x, name):
         pass
 
@@ -81,6 +102,8 @@ class TorchOps:
     @staticmethod
     def pointer(ws):
         return None if ws is None else ws.data_ptr()
+
+    data_ptr = torch.Tensor.data_ptr
 
     @staticmethod
     def stream(x):
@@ -186,6 +209,63 @@ def _backward(ctx, do, dlse):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- eager calls without the dispatcher -------------------------------------------------------------------------
+#
+# Going through torch.ops.moda.* costs more host time than the rest of a call (the Python autograd kernel of
+# torch.library, default filling, two trips through the dispatcher per op). In plain eager mode nothing observes
+# that trip, so moda.attention calls libmoda from an autograd.Function instead. Whenever something could observe
+# or needs the operator (torch.compile / export tracing, a dispatch or torch-function mode such as FakeTensorMode
+# or FlopCounterMode, a functorch transform, a tensor subclass, a device other than cpu/cuda), the call goes
+# through the custom op as before. CUDA tensors take it only with MODA_FAST_PATHS=1 (see _core); with
+# MODA_FAST_PATHS=0 or MODA_TORCH_EAGER=0 every call goes through the custom ops.
+
+_EAGER = _core.PLANS and os.environ.get("MODA_TORCH_EAGER", "1") != "0"
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+try:
+    _is_compiling = torch.compiler.is_compiling
+    _dispatch_modes = torch._C._len_torch_dispatch_stack
+    _function_modes = torch._C._is_torch_function_mode_enabled
+    _functorch_level = torch._C._functorch.peek_interpreter_stack
+    _bump_version = torch.autograd.graph.increment_version
+except AttributeError:  # an older torch without these hooks: always take the custom ops
+    _EAGER = False
+
+
+def _eager(*tensors):
+    if not _EAGER or _is_compiling() or _dispatch_modes() or _function_modes() or _functorch_level() is not None:
+        return False
+    for x in tensors:
+        if x is not None and (type(x) not in _PLAIN or not (x.is_cpu or (x.is_cuda and _core.FAST_CUDA))):
+            return False
+    return True
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
+class _Attention(torch.autograd.Function):
+    """The eager twin of torch.ops.moda.fwd with its autograd formula (_setup_context/_backward above)."""
+
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, kd, vd):
+        o, lse = _core.forward(TorchOps, cfg, q, k, v, kd, vd)
+        ctx.save_for_backward(q, k, v, kd, vd, o, lse)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, kd, vd, o, lse = ctx.saved_tensors
+        if torch.is_grad_enabled() or not _eager(do):  # create_graph=True: as the custom op's formula does
+            dq, dk, dv, dkd, dvd = _bwd(q, k, v, kd, vd, o, lse, do, *ctx.cfg.as_args())
+            dk, dv, dkd, dvd = (g if x is not None else None for g, x in zip((dk, dv, dkd, dvd), (k, v, kd, vd)))
+        else:
+            dq, dk, dv, dkd, dvd = _core.backward(TorchOps, ctx.cfg, q, k, v, kd, vd, o, lse, do)
+        return None, dq, dk, dv, dkd, dvd
+
+
 # ---- what moda.attention* call --------------------------------------------------------------------------------
 
 def _check(**named):
@@ -198,12 +278,21 @@ def _check(**named):
 
 def forward(cfg, q, k, v, kd, vd):
     _check(k=k, v=v, kd=kd, vd=vd)
+    if _eager(q, k, v, kd, vd):
+        if _needs_grad(q, k, v, kd, vd):
+            return _Attention.apply(cfg, q, k, v, kd, vd)
+        return _core.forward(TorchOps, cfg, q, k, v, kd, vd)
     return _fwd(q, k, v, kd, vd, *cfg.as_args())
 
 
 def backward(cfg, q, k, v, kd, vd, o, lse, do, dkd, dvd, accumulate):
     _check(k=k, v=v, kd=kd, vd=vd, o=o, lse=lse, do=do, dkd=dkd, dvd=dvd)
+    # The ops have no autograd formula of their own, so a call that autograd would record keeps to them.
+    direct = _eager(q, k, v, kd, vd, o, lse, do, dkd, dvd) and not _needs_grad(q, k, v, kd, vd, o, lse, do, dkd,
+                                                                               dvd)
     if dkd is None and dvd is None and not accumulate:
+        if direct:
+            return _core.backward(TorchOps, cfg, q, k, v, kd, vd, o, lse, do)
         dq, dk, dv, dkd, dvd = _bwd(q, k, v, kd, vd, o, lse, do, *cfg.as_args())
         dkd = dkd if kd is not None else None
         dvd = dvd if vd is not None else None
@@ -212,5 +301,11 @@ def backward(cfg, q, k, v, kd, vd, o, lse, do, dkd, dvd, accumulate):
             raise MODAError(_lib.ERR_INVALID_ARGUMENT,
                             "give both dkd and dvd (the buffers to %s the depth gradients)"
                             % ("add" if accumulate else "write"))
+        if direct:
+            dq, dk, dv, _, _ = _core.backward(TorchOps, cfg, q, k, v, kd, vd, o, lse, do, dkd, dvd, accumulate)
+            for x in (dkd, dvd):  # what mutates_args does for the custom op: autograd sees the in-place write
+                if x is not None:
+                    _bump_version(x)
+            return dq, dk, dv, dkd, dvd
         dq, dk, dv = _bwd_into(q, k, v, kd, vd, o, lse, do, dkd, dvd, accumulate, *cfg.as_args())
     return dq, (dk if k is not None else None), (dv if v is not None else None), dkd, dvd
