@@ -87,12 +87,7 @@ __device__ __forceinline__ void hb_bar_consumers(int id) { asm volatile("bar.syn
                      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
                      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
                      "}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
-                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
-                       "+f"(d[7][2]), "+f"(d[7][3]) \
+                     : MODA_HOP_ACC_N64(d) \
                      : "l"(da), "l"(db), "r"(scale_d)); \
     }
 /* m64n32k16 SS: S^T and dP^T for d = 128 (32 rows per step); B = 32 K-major rows, the same descriptor */
@@ -102,9 +97,7 @@ __device__ __forceinline__ void hb_bar_consumers(int id) { asm volatile("bar.syn
                      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " {" \
                      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15" \
                      "}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
-                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]) \
+                     : MODA_HOP_ACC_N32(d) \
                      : "l"(da), "l"(db), "r"(scale_d)); \
     }
 HB_WGMMA_SS_N64(hb_wgmma_ss64_bf16, "bf16")
@@ -137,14 +130,6 @@ template <> struct hb_mma<__half> {
         hb_wgmma_rs_f16(d, a, b);
     }
 };
-
-/* moda_reg_fence for the packed A fragments (kept live, untouched, while a wgmma reads them) */
-template <int N> __device__ __forceinline__ void hb_reg_fence_u(uint32_t (&r)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[i][e])::"memory");
-}
 
 /* dst[0..1] += (x, y) in fp32 at the L2, no return value (backward_mma.cu's bw_red2, sm_90 form). */
 __device__ __forceinline__ void hb_red2(float *dst, float x, float y) {
@@ -441,8 +426,8 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
             dsig(l2);
             moda_wg_wait<0>(); /* dV/dK(it-1): pf, df free again, stage it-1 no longer read */
             fence_dkdv();
-            hb_reg_fence_u(pf);
-            hb_reg_fence_u(df);
+            moda_reg_fence(pf);
+            moda_reg_fence(df);
             if (it > 0) moda_mbar_arrive(bar_empty + 8 * pstg);
             pack();
             if (DQ) store_ds(ds_buf(it));
@@ -455,8 +440,8 @@ __device__ __forceinline__ void hb_consumer(const bw_params &p, unsigned char *b
             if (DQ) dq_step(rbeg + (nsteps - 1) * BM, ds_buf(nsteps - 1));
             moda_wg_wait<0>();
             fence_dkdv();
-            hb_reg_fence_u(pf);
-            hb_reg_fence_u(df);
+            moda_reg_fence(pf);
+            moda_reg_fence(df);
             moda_mbar_arrive(bar_empty + 8 * stg);
         }
     } else

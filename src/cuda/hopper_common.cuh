@@ -48,6 +48,21 @@ template <int N> static __device__ __forceinline__ void moda_reg_fence(float (&r
 #pragma unroll
         for (int e = 0; e < 4; e++) asm volatile("" : "+f"(r[i][e])::"memory");
 }
+/* The same fence for packed A fragments, kept live and untouched while a wgmma reads them from registers. */
+template <int N> static __device__ __forceinline__ void moda_reg_fence(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[i][e])::"memory");
+}
+/* The asm operand lists of an m64nN fp32 accumulator float d[N/8][4] (N = 32, 64, 128), in register order. */
+#define MODA_HOP_ACC4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define MODA_HOP_ACC_N32(d) MODA_HOP_ACC4(d, 0), MODA_HOP_ACC4(d, 1), MODA_HOP_ACC4(d, 2), MODA_HOP_ACC4(d, 3)
+#define MODA_HOP_ACC_N64(d) \
+    MODA_HOP_ACC_N32(d), MODA_HOP_ACC4(d, 4), MODA_HOP_ACC4(d, 5), MODA_HOP_ACC4(d, 6), MODA_HOP_ACC4(d, 7)
+#define MODA_HOP_ACC_N128(d) \
+    MODA_HOP_ACC_N64(d), MODA_HOP_ACC4(d, 8), MODA_HOP_ACC4(d, 9), MODA_HOP_ACC4(d, 10), MODA_HOP_ACC4(d, 11), \
+        MODA_HOP_ACC4(d, 12), MODA_HOP_ACC4(d, 13), MODA_HOP_ACC4(d, 14), MODA_HOP_ACC4(d, 15)
 /* Shared memory descriptor: 128B swizzle (layout type 1), SBO = 1024 bytes between 8-row groups (K-major: 8
  * M/N rows; MN-major: 8 K rows), LBO unused for these shapes (K-major swizzled; MN-major with N = 64). */
 static __device__ __forceinline__ uint64_t moda_sdesc(uint32_t addr) {
@@ -64,12 +79,7 @@ static __device__ __forceinline__ uint64_t moda_sdesc(uint32_t addr) {
                      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
                      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31" \
                      "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n" \
-                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
-                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
-                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
-                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
-                       "+f"(d[7][2]), "+f"(d[7][3]) \
+                     : MODA_HOP_ACC_N64(d) \
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
     }
 
