@@ -498,7 +498,7 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
             e = hopper ? bw_launch_hopper(&bp, st) : bw_launch_mma_fused(&bp, st);
             if (e == cudaSuccess) e = bw_launch_dq_finish(&bp, st);
         } else {
-            /* MODA_CUDA_BWD_HOPPER_DKDV=1: dK, dV by the sm_90a kernel's dK/dV-only form (still deterministic) */
+            /* dK, dV by the sm_90a kernel's dK/dV-only form on sm_90 (MODA_CUDA_BWD_HOPPER_DKDV=0: the mma.sync pass) */
             const int hopper_dkdv = bw_hopper_dkdv_use(p, &bp);
             bw_last_path = hopper_dkdv ? "hopper-dkdv" : "twopass";
             e = hopper_dkdv ? bw_launch_hopper_dkdv(&bp, st) : bw_launch_mma_dkdv(&bp, st);

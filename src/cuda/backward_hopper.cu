@@ -5,7 +5,8 @@
  * The default there on compute capability 9.x (backward.cu's hook, bw_hopper_use; MODA_CUDA_BWD_HOPPER=0 turns it
  * off); the design record and its first measurements are in docs/cuda_backward_notes.md, "Hopper backward".
  * A second instantiation (bw_hopper_dkdv_kernel, DQ = false) computes dK and dV only, for the deterministic
- * two-pass path behind MODA_CUDA_BWD_HOPPER_DKDV=1: no dS^T tile, no dQ barrier, no atomics.
+ * two-pass (deterministic) path, the default there too (MODA_CUDA_BWD_HOPPER_DKDV=0 turns it off): no dS^T tile,
+ * no dQ barrier, no atomics.
  *
  * CTA = 3 warpgroups and 128 keys (j0 .. j0+127) of one (b, h); d = dv in {64, 128}; the query rows
  * R = t*G + g of that head that see the keys are walked in steps of BM = 64 rows (d = 128: 32, so that dK and
@@ -735,8 +736,9 @@ int bw_hopper_use(const moda_problem *p, const bw_params *bp) {
 cudaError_t bw_launch_hopper(const bw_params *bp, cudaStream_t st) { return hb_launch<true>(bp, st); }
 
 int bw_hopper_dkdv_use(const moda_problem *p, const bw_params *bp) {
-    const char *e = getenv("MODA_CUDA_BWD_HOPPER_DKDV"); /* off unless "1": not yet run on a GPU */
-    if (!(e && e[0] == '1')) return 0;
+    /* on unless "0": the deterministic default on sm_90 since its grid passed (2026-11-23, session 4) */
+    const char *e = getenv("MODA_CUDA_BWD_HOPPER_DKDV");
+    if (e && e[0] == '0') return 0;
     return hb_usable<false>(p, bp);
 }
 

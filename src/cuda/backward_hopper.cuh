@@ -16,8 +16,8 @@ int bw_hopper_use(const moda_problem *p, const bw_params *bp);
 /* The launch (dK, dV written; s * dQ added to bp->dqacc); bw_launch_dq_finish still follows it. */
 cudaError_t bw_launch_hopper(const bw_params *bp, cudaStream_t stream);
 /* The dK/dV-only form for the two-pass (deterministic) path, in place of bw_launch_mma_dkdv (bw_launch_mma_dq
- * still computes dQ): only with MODA_CUDA_BWD_HOPPER_DKDV=1 (not yet run on a GPU), under the same conditions
- * as above except the mode, and without row splits (bp->dkdv_nsplit == 1). dK, dV written, nothing else. */
+ * still computes dQ): the default unless MODA_CUDA_BWD_HOPPER_DKDV=0 (grid and sanitizers passed on the H100,
+ * 2026-11-23), under the same conditions as above except the mode, and without row splits (bp->dkdv_nsplit == 1). dK, dV written, nothing else. */
 int bw_hopper_dkdv_use(const moda_problem *p, const bw_params *bp);
 cudaError_t bw_launch_hopper_dkdv(const bw_params *bp, cudaStream_t stream);
 

@@ -10,7 +10,8 @@
  * reference, without the bitwise check. The tensor-core cases also run the kernels the default path
  * replaces, through the process switches of backward_common.cuh, and on compute capability 9.x the sm_90a
  * pass (non-deterministic) and its dK/dV-only form in the deterministic two-pass path
- * (MODA_CUDA_BWD_HOPPER_DKDV=1, with the bitwise check), each checked to have run.
+ * (the default there; with the bitwise check), each checked to have run; MODA_CUDA_BWD_HOPPER_DKDV=0 keeps the
+ * mma.sync dK/dV pass it replaces under test.
  * Plus sampled float64 checks on benchmark-sized shapes, and with --bench a timing of the target shapes
  * (MODA_TEST_NONDET=1: in the non-deterministic mode).
  *
@@ -475,10 +476,12 @@ int main(int argc, char **argv) {
              * pass (big shapes take it) and the CTA-per-token depth kernel */
             setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1);
             setenv("MODA_CUDA_BWD_NOTDW", "1", 1);
+            setenv("MODA_CUDA_BWD_HOPPER_DKDV", "0", 1); /* on sm_90 the unsplit dK/dV pass is the sm_90a one */
             check_case(c, MODA_BF16, MODA_BF16, 0, 1, &r);
             if (c->Lcap > 0 && !quick) check_case(c, MODA_F16, MODA_F32, 1, 1, &r);
             unsetenv("MODA_CUDA_BWD_NOSPLIT");
             unsetenv("MODA_CUDA_BWD_NOTDW");
+            unsetenv("MODA_CUDA_BWD_HOPPER_DKDV");
             if (hopper) {
                 /* the sm_90a pass (non-deterministic, unsplit), both dtypes, overwrite and accumulate */
                 setenv("MODA_CUDA_BWD_HOPPER", "1", 1);
