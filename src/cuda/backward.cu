@@ -43,6 +43,40 @@ __global__ void bw_preprocess_kernel(bw_params p) {
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.dqcnt_n; i += nthreads) p.dqcnt[i] = 0u;
 }
 
+/* The same for f16/bf16 O and dO with dv in {64, 128} and 16-byte aligned rows: DV/8 lanes per row, one
+ * 16-byte load each, so a warp covers 32/(DV/8) rows per step. The warp-per-row form above issues 2-byte
+ * loads and ran S1's 268 MB at 0.37 TB/s (0.72 ms, ncu, 2026-11-23). */
+template <typename E, int DV> __global__ void bw_preprocess_vec_kernel(bw_params p) {
+    constexpr int LPR = DV / 8, RPW = 32 / LPR;
+    const int lane = threadIdx.x & 31, sub = lane / LPR, col = (lane % LPR) * 8;
+    const int64_t rows = p.B * p.T * p.Hk * p.G;
+    const int64_t nwarps = (int64_t)gridDim.x * (blockDim.x >> 5);
+    for (int64_t rb = (((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * RPW; rb < rows; rb += nwarps * RPW) {
+        const int64_t row = rb + sub;
+        float acc = 0.f;
+        if (row < rows) {
+            const int64_t g = row % p.G, h = (row / p.G) % p.Hk, t = (row / (p.G * p.Hk)) % p.T;
+            const int64_t b = row / (p.G * p.Hk * p.T);
+            float o[8], d[8];
+            bw_unpack8<E>(o, *(const uint4 *)((const E *)p.o.data + bw_off4(p.o, b, t, h, g) + col));
+            bw_unpack8<E>(d, *(const uint4 *)((const E *)p.dout.data + bw_off4(p.dout, b, t, h, g) + col));
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc += o[i] * d[i];
+        }
+#pragma unroll
+        for (int o = 1; o < LPR; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (row < rows) {
+            if (lane % LPR == 0) p.delta[row] = acc;
+            if (p.dqacc_zero) { /* d == dv here */
+                float4 *z = (float4 *)(p.dqacc + row * DV + col);
+                z[0] = z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+    }
+    const int64_t nthreads = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.dqcnt_n; i += nthreads) p.dqcnt[i] = 0u;
+}
+
 /* Loads the lane's share of a row of n elements (element i = lane + 32c) into registers as float. */
 static __device__ __forceinline__ void bw_gen_load_row(float (&r)[BW_GEN_MAXC], const bw_view &a, int64_t base,
                                                        int64_t stride, int64_t n, int lane) {
@@ -414,6 +448,9 @@ static int bw_td_slots(const moda_problem *p, size_t limit, size_t *bytes) {
 
 /* The sequence-kernel family of this thread's last backward, for tests (moda_testing_cuda_last_backward). */
 static thread_local const char *bw_last_path = "none";
+/* ... and of its depth stage: "tdc" (tensor cores), "tdw" (warp per token), "token" (CTA per token), "generic"
+ * or "none" (no visible slot). */
+static thread_local const char *bw_last_depth = "none";
 
 extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace, size_t workspace_bytes, void *stream) {
     const size_t need = moda_cuda_backward_workspace(p);
@@ -459,11 +496,24 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     if (rows == 0) return MODA_OK;
 
     moda_status s;
-    bw_preprocess_kernel<<<bw_warp_grid(rows), BW_WARPS * 32, 0, st>>>(bp);
+    if ((p->dtype == MODA_F16 || p->dtype == MODA_BF16) && p->o.dtype == p->dtype && p->grad_o.dtype == p->dtype &&
+        p->d == p->dv && (p->dv == 64 || p->dv == 128) && bw_vec_ok(&p->o, 5) && bw_vec_ok(&p->grad_o, 5)) {
+        const unsigned grid = bw_warp_grid((rows + 32 / (p->dv / 8) - 1) / (32 / (p->dv / 8)));
+        if (p->dtype == MODA_BF16)
+            p->dv == 64 ? bw_preprocess_vec_kernel<__nv_bfloat16, 64><<<grid, BW_WARPS * 32, 0, st>>>(bp)
+                        : bw_preprocess_vec_kernel<__nv_bfloat16, 128><<<grid, BW_WARPS * 32, 0, st>>>(bp);
+        else
+            p->dv == 64 ? bw_preprocess_vec_kernel<__half, 64><<<grid, BW_WARPS * 32, 0, st>>>(bp)
+                        : bw_preprocess_vec_kernel<__half, 128><<<grid, BW_WARPS * 32, 0, st>>>(bp);
+    } else {
+        bw_preprocess_kernel<<<bw_warp_grid(rows), BW_WARPS * 32, 0, st>>>(bp);
+    }
     if ((s = bw_check_launch("the Delta preprocessing kernel")) != MODA_OK) return s;
 
+    bw_last_depth = "none";
     if (has_depth && bw_tdw_supported(p) && p->B * p->T * p->Hk < ((int64_t)1 << 32) &&
         bw_new_kernel_on("MODA_CUDA_BWD_NOTDW")) {
+        bw_last_depth = bw_tdc_use(&bp) ? "tdc" : "tdw";
         const cudaError_t e = bw_launch_tdw(&bp, st);
         if (e != cudaSuccess)
             return moda_fail(MODA_ERR_DEVICE_FAILURE, "CUDA backward: launching the depth kernel failed: %s",
@@ -479,9 +529,11 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
                     return moda_fail(MODA_ERR_DEVICE_FAILURE, "CUDA backward: shared memory for the depth kernel: %s",
                                      cudaGetErrorString(e));
             }
+            bw_last_depth = "token";
             bw_token_depth_kernel<<<(unsigned)(p->B * p->T * p->Hk), BW_TD_THREADS, smem, st>>>(bp, slots);
             if ((s = bw_check_launch("the token-mode depth kernel")) != MODA_OK) return s;
         } else {
+            bw_last_depth = "generic";
             bw_generic_depth_dq_kernel<<<bw_warp_grid(rows), BW_WARPS * 32, 0, st>>>(bp);
             if ((s = bw_check_launch("the depth dQ kernel")) != MODA_OK) return s;
             bw_generic_depth_dkv_kernel<<<bw_warp_grid(p->B * p->T * p->Hk * (p->d1 - p->d0)), BW_WARPS * 32, 0, st>>>(bp);
@@ -522,3 +574,5 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
  * (the two passes with dK/dV from the sm_90a kernel) or "generic" for the kernels the last backward on this
  * thread ran ("none" before any). */
 extern "C" MODA_API const char *moda_testing_cuda_last_backward(void) { return bw_last_path; }
+/* Private hook: the depth-stage kernel of this thread's last backward (bw_last_depth above). */
+extern "C" MODA_API const char *moda_testing_cuda_last_depth_backward(void) { return bw_last_depth; }

@@ -81,6 +81,17 @@ static __device__ __forceinline__ float bw_exp2(float x) {
     return y;
 }
 
+/* 8 consecutive f16/bf16 elements (one 16-byte load) as floats. */
+template <typename E> static __device__ __forceinline__ void bw_unpack8(float (&f)[8], uint4 u) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 x = moda_dt<E>::unpack2(w[i]);
+        f[2 * i] = x.x;
+        f[2 * i + 1] = x.y;
+    }
+}
+
 /* Whether 16-byte vector accesses of 8 elements work on an operand of ndim dims: aligned base, contiguous
  * last dim, every other stride a multiple of 8 elements. */
 static inline int bw_vec_ok(const moda_operand *a, int ndim) {
@@ -124,8 +135,11 @@ cudaError_t bw_launch_dq_finish(const bw_params *bp, cudaStream_t stream);
 int bw_dkdv_split(const moda_problem *p, int *rows);
 size_t bw_dkdv_split_floats(const moda_problem *p);
 /* Token-mode depth stage for f16/bf16, d = dv in {64, 128}, G <= 8, 16-byte aligned rows
- * (src/cuda/backward_depth.cu). */
+ * (src/cuda/backward_depth.cu): the tensor-core kernel, or the warp (SIMT) one for f32 depth gradients and with
+ * MODA_CUDA_BWD_NOTDC=1. */
 int bw_tdw_supported(const moda_problem *p);
+/* Whether bw_launch_tdw runs the tensor-core kernel for these gradients (else the warp kernel). */
+int bw_tdc_use(const bw_params *bp);
 cudaError_t bw_launch_tdw(const bw_params *bp, cudaStream_t stream);
 
 #endif /* MODA_CUDA_BACKWARD_COMMON_CUH */

@@ -44,19 +44,6 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* Draft, off by default (docs/cuda_hopper_notes.md, "Session 3 drafts"): FA3's inter-warpgroup ping-pong in the
- * overlapped d = 64 sequence loop. With it 0 the generated code is the shipped kernel's (PTX compared). */
-#ifndef MODA_HOPPER_PINGPONG
-#define MODA_HOPPER_PINGPONG 0
-#endif
-/* Draft, off by default (same section): at d = 64, each depth sub-tile comes as four TMA boxes (8 slots x 64 columns
- * of Kd and of Vd) issued by one lane of the consuming warp on a per-buffer mbarrier, instead of 8 cp.async per
- * lane with their address arithmetic; only where the visible slot count is a multiple of 8 and the driver encodes
- * the two 5-D tensor maps (otherwise the cp.async path runs, decided per call). */
-#ifndef MODA_HOPPER_DEPTH_TMA
-#define MODA_HOPPER_DEPTH_TMA 0
-#endif
-
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -74,10 +61,6 @@ template <int D_> struct hop_traits {
 struct hop_params : moda_fwd_shape {
     CUtensorMap tmk, tmv;    /* 4-D maps of K and V: (column, then the three outer dims by ascending stride) */
     int perm[3];             /* perm[i]: which of (b, t, h) is tensor-map dimension i + 1 */
-#if MODA_HOPPER_DEPTH_TMA
-    CUtensorMap tmkd, tmvd;  /* 5-D maps of Kd and Vd, dimensions (column, h, l, t, b); valid when dtma */
-    int dtma;                /* 1: d = 64, L % 8 == 0 and both maps encoded: depth sub-tiles by TMA */
-#endif
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -96,18 +79,6 @@ template <int D> __device__ __forceinline__ int hswz(int row, int col) {
     return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
-#if MODA_HOPPER_PINGPONG
-/* Named barriers of the ping-pong (ids 0: __syncthreads, 1 and 2: each consumer warpgroup's Q barrier; 3 and 4:
- * "consumer warpgroup 0 / 1 may issue"), 256 threads each: the 128 of the warpgroup that waits with bar.sync and the
- * 128 of the other one, which signals with bar.arrive (no wait). Kept in this file rather than hopper_common.cuh:
- * only the forward uses them. */
-constexpr int HOP_PP_BAR = 3;
-__device__ __forceinline__ void hop_bar_sync256(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void hop_bar_arrive256(int id) {
-    asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
-}
-#endif
-
 /* ---- TMA (the mbarrier and wgmma primitives are in hopper_common.cuh) ---- */
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int c0, int c1,
                                             int c2, int c3) {
@@ -116,18 +87,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap *map
                  "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
                  : "memory");
 }
-
-#if MODA_HOPPER_DEPTH_TMA
-/* One box of a 5-D tensor map (the depth tensors); same completion mechanism as tma_load_4d. Kept in this file rather
- * than hopper_common.cuh: only the forward uses it. */
-__device__ __forceinline__ void tma_load_5d(uint32_t dst, const CUtensorMap *map, uint32_t bar, int c0, int c1,
-                                            int c2, int c3, int c4) {
-    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
-                 "%3, %4, %5, %6}], [%7];\n" ::"r"(dst),
-                 "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
-                 : "memory");
-}
-#endif
 
 /* ---- wgmma instructions (m64n128k16 SS for Q*K^T; m64n64k16 RS with B transposed for P*V) ---- */
 /* One definition per shape, instantiated for both storage types (the type is part of the instruction name).
@@ -220,13 +179,6 @@ __device__ __forceinline__ void hop_softmax(float (&s)[NB][4], float (&o)[NO][8]
 template <int NH> __device__ __forceinline__ void hop_fence_o(float (&o)[NH][8][4]) {
 #pragma unroll
     for (int hh = 0; hh < NH; hh++) moda_reg_fence(o[hh]);
-}
-/* Keeps P's packed A fragments live (and unmoved) until after the wait that retires the P*V reading them. */
-template <int N> __device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]) {
-#pragma unroll
-    for (int i = 0; i < N; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[i][e])::"memory");
 }
 
 /* S = Q*K^T of one warpgroup's 64 rows and a 128-key tile (both K-major, 128B-swizzled halves of 64 columns),
@@ -376,39 +328,10 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             q++;
         }
     };
-#if MODA_HOPPER_DEPTH_TMA
-    /* TMA sub-tiles: key k of the list lies in token u0 + k / L at slot d0 + k % L; with L % 8 == 0 the 8 keys from
-     * a multiple of 8 are 8 consecutive slots of ONE token, i.e. one (64 columns x 8 slots) box of the 5-D map,
-     * written 128B-swizzled at 1024-byte-aligned rows 0-7 / 8-15 of the buffer: the layout hswz<64> (and so the
-     * ldmatrix addressing of depth_step) already expects. Buffer (warp cw, buf) completes on its own mbarrier. */
-    const bool dtma = D == 64 && p.dtma;
-    const uint32_t bar_dep = bar_full + 8 * (2 * STAGES + cw * DB);
-#endif
     auto load_depth = [&](int it, int buf) {
         T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
         const int q0 = ldq, r0 = ldr;
         adv(ldq, ldr, dkq, dkr);
-#if MODA_HOPPER_DEPTH_TMA
-        if (dtma) {
-            /* one lane issues; every lane has finished reading this buffer (__syncwarp in depth_step) */
-            if (lane == 0) {
-                const uint32_t bar = bar_dep + 8 * buf;
-                moda_mbar_expect_tx(bar, 2 * DK * D * (uint32_t)sizeof(T));
-                int q = q0, r = r0;
-#pragma unroll
-                for (int hb = 0; hb < DK / 8; hb++) {
-                    /* a box past the list's end (only a second half: nkeys is a multiple of 8) loads the first
-                     * half's slots again, in bounds and finite: its keys are masked (p = 0) in depth_step */
-                    if (it * DK + 8 * hb >= nkeys) q = q0, r = r0;
-                    const int tok = u0 + q, slot = (int)p.d0 + r;
-                    tma_load_5d(moda_smem_addr(dk + hb * 8 * D), &p.tmkd, bar, 0, (int)h, slot, tok, (int)b);
-                    tma_load_5d(moda_smem_addr(dv + hb * 8 * D), &p.tmvd, bar, 0, (int)h, slot, tok, (int)b);
-                    adv(q, r, c8q, c8r); /* 8 keys on */
-                }
-            }
-            return;
-        }
-#endif
         int eq = lq0, er = lr0; /* (q, r) of this lane's row rl */
 #pragma unroll
         for (int ci = 0; ci < DK * CH / 32; ci++) {
@@ -430,14 +353,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     };
     /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
     auto depth_step = [&](int it) {
-#if MODA_HOPPER_DEPTH_TMA
-        if (dtma)
-            moda_mbar_wait(bar_dep + 8 * (it % DB), (uint32_t)((it / DB) & 1));
-        else
-            moda_cp_async_wait<DB - 1>();
-#else
         moda_cp_async_wait<DB - 1>();
-#endif
         __syncwarp();
         const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
@@ -546,23 +462,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         auto kaddr_of = [&](int stg) { return moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES); };
         float s[HOP_BN / 8][4];
         uint32_t pf[HOP_BN / 16][4];
-#if MODA_HOPPER_PINGPONG
-        /* Inter-warpgroup ping-pong (FA3's schedule, on top of the overlap): the two consumer warpgroups take turns
-         * at ISSUING a loop iteration's two wgmma groups (S_j = Q*K_j^T, O += P_{j-1}*V_{j-1}), warpgroup 0 first,
-         * so that one warpgroup's softmax (MUFU/FMA work) runs under the other's products on the tensor cores
-         * instead of both softmaxes coinciding. A turn: bar.sync(own barrier), issue both groups, bar.arrive(the
-         * other's barrier); the first tile and the final P*V stay outside the turns (as in FA3). Turns must pair
-         * up exactly: both warpgroups make nact - 1 turns, which needs the same number of active tiles. It always
-         * is when both are active: the tile boundaries of the causal limit are rows 128*k*G, multiples of 128, and
-         * warpgroup 1's rows R0+64..R0+127 (R0 a multiple of 128) hold none, so both groups' last tokens lie in
-         * the same 128-key tile. If they ever differed (or one warpgroup has no rows) the ping-pong is off for the
-         * CTA rather than left to hang. Warpgroup 1 gives the very first signal and omits the arrive of its last
-         * turn, so no barrier is left half-arrived at exit. */
-        const int Ro0 = R0 + 64 * (1 - cwg); /* first row of the other consumer warpgroup */
-        const int nact_o = Ro0 >= NR ? 0 : p.causal ? min(ntiles, (min(Ro0 + 63, NR - 1) / G) / HOP_BN + 1) : ntiles;
-        const bool pp = nact > 1 && nact_o == nact;
-        if (pp && cwg == 1) hop_bar_arrive256(HOP_PP_BAR);
-#endif
         if (nact > 0) {
             /* first tile: nothing to overlap with; o may hold the depth part, rescaled as usual */
             moda_mbar_wait(bar_full, 0);
@@ -577,17 +476,11 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             for (int it = 1; it < nact; it++) {
                 const int stg = it % STAGES, pstg = (it - 1) % STAGES;
                 moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
-#if MODA_HOPPER_PINGPONG
-                if (pp) hop_bar_sync256(HOP_PP_BAR + cwg); /* this warpgroup's turn to issue */
-#endif
                 hop_fence_o(o);
-                reg_fence_u(pf);
+                moda_reg_fence(pf);
                 moda_wg_fence(); /* orders the register writes to s, o and pf above before both groups */
                 hop_issue_qk<T, D>(s, qaddr, kaddr_of(stg));
                 hop_issue_pv<T, NH>(o, pf, kaddr_of(pstg) + TR::TILE_BYTES);
-#if MODA_HOPPER_PINGPONG
-                if (pp && (cwg == 0 || it + 1 < nact)) hop_bar_arrive256(HOP_PP_BAR + 1 - cwg); /* the other's turn */
-#endif
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); /* S done, P*V may run on */
                 moda_reg_fence(s);
                 hop_mask_s(s, it * HOP_BN, p, jend, tw0, trow, lane);
@@ -603,7 +496,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(moda_smem_addr(sD) + 4 * lane), "f"(lsum2) : "memory");
                 moda_wg_wait<0>();
                 hop_fence_o(o);
-                reg_fence_u(pf);
+                moda_reg_fence(pf);
                 moda_mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
 #pragma unroll
                 for (int i = 0; i < 2; i++) hop_rescale_row(o, i, alpha[i]);
@@ -611,12 +504,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
             const int lstg = (nact - 1) % STAGES;
             hop_fence_o(o);
-            reg_fence_u(pf);
+            moda_reg_fence(pf);
             moda_wg_fence();
             hop_issue_pv<T, NH>(o, pf, kaddr_of(lstg) + TR::TILE_BYTES);
             moda_wg_wait<0>();
             hop_fence_o(o);
-            reg_fence_u(pf);
+            moda_reg_fence(pf);
             moda_mbar_arrive(bar_empty + 8 * lstg);
         }
         for (int it = nact; it < ntiles; it++) {
@@ -695,13 +588,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef hop_traits<D> TR;
     constexpr int STAGES = TR::STAGES, NH = TR::NH;
-#if MODA_HOPPER_DEPTH_TMA
-    /* + one "depth buffer full" mbarrier per consumer warp and depth buffer, after the ring's */
-    constexpr int NDB = D == 64 ? 8 * TR::DB : 0; /* the depth TMA is d = 64 only */
-    __shared__ __align__(8) uint64_t bars[2 * STAGES + NDB];
-#else
     __shared__ __align__(8) uint64_t bars[2 * STAGES];
-#endif
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
@@ -721,9 +608,6 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
             moda_mbar_init(bar_full + 8 * s, 1);
             moda_mbar_init(bar_empty + 8 * s, 256);
         }
-#if MODA_HOPPER_DEPTH_TMA
-        for (int s = 0; s < NDB; s++) moda_mbar_init(bar_full + 8 * (2 * STAGES + s), 1);
-#endif
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -810,34 +694,6 @@ int encode_kv(CUtensorMap *map, int perm[3], const moda_operand *a, const moda_p
     return r == CUDA_SUCCESS;
 }
 
-#if MODA_HOPPER_DEPTH_TMA
-/* Kd or Vd [B, T, Lcap, Hk, 64] as a 5-D tiled map with the dimensions in a FIXED order (column, h, l, t, b), so the
- * kernel's box coordinates need no permutation: the two layouts of spec.md (standard and time-folded) have exactly
- * these ascending strides, and for any other view the driver decides (a refusal keeps the cp.async path). Column
- * box 64 = 128 bytes with the 128B swizzle, box (64, 1, 8, 1, 1): 8 consecutive slots of one token and head (the
- * kernel only asks for boxes inside [d0, d1) of a token below T). */
-int encode_depth(CUtensorMap *map, const moda_operand *a, const moda_problem *p) {
-    PFN_cuTensorMapEncodeTiled_v12000 fn = encode_fn();
-    if (!fn) return 0;
-    const int64_t ext[4] = {p->Hk, p->Lcap, p->T, p->B};
-    const int64_t str[4] = {a->stride[3], a->stride[2], a->stride[1], a->stride[0]};
-    cuuint64_t dims[5], strides[4];
-    cuuint32_t box[5] = {64, 1, 8, 1, 1}, es[5] = {1, 1, 1, 1, 1};
-    dims[0] = (cuuint64_t)p->d;
-    for (int i = 0; i < 4; i++) {
-        if (str[i] <= 0 || str[i] >= ((int64_t)1 << 38) || ext[i] > 2147483647LL) return 0;
-        dims[i + 1] = (cuuint64_t)ext[i];
-        strides[i] = (cuuint64_t)str[i] * 2;
-    }
-    const CUtensorMapDataType ty =
-        p->dtype == MODA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-    const CUresult r = fn(map, ty, 5, a->data, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    return r == CUDA_SUCCESS;
-}
-#endif
-
 /* Whether the loaded image of the kernel is the sm_90a body: binary version 9.x and the mbarriers' static shared
  * memory (absent from the empty body an sm_80 or plain sm_90 pass compiles). Probed once per instantiation (one
  * process, one build: the image does not change between calls). */
@@ -906,11 +762,6 @@ moda_status moda_cuda_hopper_forward(const moda_problem *p, cudaStream_t stream,
         int perm_v[3];
         if (!encode_kv(&prm.tmv, perm_v, &p->v, p) || memcmp(perm_v, prm.perm, sizeof perm_v) != 0) return MODA_OK;
     }
-#if MODA_HOPPER_DEPTH_TMA
-    /* the depth sub-tiles by TMA where the maps exist (memset left dtma = 0: the cp.async path otherwise) */
-    if (p->d == 64 && prm.L > 0 && prm.L % 8 == 0)
-        prm.dtma = encode_depth(&prm.tmkd, &p->kd, p) && encode_depth(&prm.tmvd, &p->vd, p);
-#endif
     const int bf = p->dtype == MODA_BF16;
     *launched = 1;
     if (p->d == 64)

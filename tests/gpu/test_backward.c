@@ -29,6 +29,7 @@
 
 /* Private hook of the CUDA backend (src/cuda/backward.cu): the kernel family the last backward ran. */
 MODA_API const char *moda_testing_cuda_last_backward(void);
+MODA_API const char *moda_testing_cuda_last_depth_backward(void);
 
 /* Whether this device runs the sm_90a backward (compute capability 9.x); MODA_TEST_BWD_HOPPER=0 skips it. */
 static int hopper_backward_testable(void) {
@@ -443,15 +444,26 @@ int main(int argc, char **argv) {
         {1, 270, 1, 2, 64, 64, 0, 0, 0, 0, 1, 0, 1, TU_LAYOUT_STRIDED, 0},
         /* index 21: in the quick grid (every third case), so the sanitizers see a d = 128 tensor-core case */
         {1, 281, 1, 2, 128, 128, 3, 0, 3, 1, 1, 0, 1, TU_LAYOUT_FOLDED, 0},
+        /* the tensor-core depth stage over several 16-slot chunks, the last one partial */
+        {1, 45, 2, 6, 64, 64, 40, 3, 40, 1, 1, 0, 1, TU_LAYOUT_STRIDED, 0},
+        {1, 33, 1, 7, 128, 128, 50, 5, 50, 1, 0, 0, 1, TU_LAYOUT_FOLDED, 0}, /* depth-only */
+        /* index 24: in the quick grid, so the sanitizers see three chunks with two in flight */
+        {2, 40, 2, 8, 64, 64, 48, 0, 47, 1, 1, 0, 1, TU_LAYOUT_STANDARD, 0},
     };
     const int ncases = (int)(sizeof grid / sizeof grid[0]);
     const int quick = tu_quick();
     const int hopper = hopper_backward_testable();
-    int hopper_ran = 0, hopper_cases = 0, dkdv_ran = 0, dkdv_cases = 0;
+    int hopper_ran = 0, hopper_cases = 0, dkdv_ran = 0, dkdv_cases = 0, tdc_ran = 0, tdc_cases = 0;
+    int tdc_f32_ran = 0, tdc_f32_cases = 0;
     for (int i = 0; i < ncases; i++) {
         const tu_case *c = &grid[i];
         if (quick && i % 3 != 0) continue;
         check_case(c, MODA_BF16, MODA_BF16, 0, 1, &r);
+        /* the tensor-core depth stage must have run where it applies (standard layout: aligned rows) */
+        const int tdc_case = c->Lcap > 0 && c->d1 > c->d0 && !c->chunk && c->d == c->dv && (c->d == 64 || c->d == 128) &&
+                             c->G <= 8 && c->layout == TU_LAYOUT_STANDARD;
+        tdc_cases += tdc_case;
+        tdc_ran += tdc_case && !strcmp(moda_testing_cuda_last_depth_backward(), "tdc");
         check_case(c, MODA_F16, MODA_F16, 0, 1, &r);
         if (c->Lcap > 0) {
             check_case(c, MODA_BF16, MODA_F32, 1, 1, &r);
@@ -474,6 +486,20 @@ int main(int argc, char **argv) {
             unsetenv("MODA_CUDA_BWD_FUSED_DET");
             /* the kernels the default path replaces for these shapes, kept selectable: the unsplit dK/dV
              * pass (big shapes take it) and the CTA-per-token depth kernel */
+            /* the warp (SIMT) depth kernel that the tensor-core one replaces (f32 depth gradients take it by
+             * default), and the tensor-core kernel on f32 depth gradients, overwrite and accumulate */
+            if (c->Lcap > 0) {
+                setenv("MODA_CUDA_BWD_NOTDC", "1", 1);
+                check_case(c, MODA_BF16, MODA_BF16, 0, 1, &r);
+                check_case(c, MODA_F16, MODA_F32, 1, 1, &r);
+                unsetenv("MODA_CUDA_BWD_NOTDC");
+                setenv("MODA_CUDA_BWD_TDC_F32", "1", 1);
+                check_case(c, MODA_BF16, MODA_F32, 1, 1, &r);
+                tdc_f32_cases += tdc_case;
+                tdc_f32_ran += tdc_case && !strcmp(moda_testing_cuda_last_depth_backward(), "tdc");
+                check_case(c, MODA_F16, MODA_F32, 0, 1, &r);
+                unsetenv("MODA_CUDA_BWD_TDC_F32");
+            }
             setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1);
             setenv("MODA_CUDA_BWD_NOTDW", "1", 1);
             setenv("MODA_CUDA_BWD_HOPPER_DKDV", "0", 1); /* on sm_90 the unsplit dK/dV pass is the sm_90a one */
@@ -482,7 +508,7 @@ int main(int argc, char **argv) {
             unsetenv("MODA_CUDA_BWD_NOSPLIT");
             unsetenv("MODA_CUDA_BWD_NOTDW");
             unsetenv("MODA_CUDA_BWD_HOPPER_DKDV");
-            if (hopper) {
+            if (hopper && c->sequence) {
                 /* the sm_90a pass (non-deterministic, unsplit), both dtypes, overwrite and accumulate */
                 setenv("MODA_CUDA_BWD_HOPPER", "1", 1);
                 setenv("MODA_CUDA_BWD_NOSPLIT", "1", 1);
@@ -505,6 +531,13 @@ int main(int argc, char **argv) {
             }
         }
     }
+    printf("gpu_test_backward: the tensor-core depth stage ran %d of %d cases\n", tdc_ran, tdc_cases);
+    TU_CHECK(tdc_cases > 0 && tdc_ran == tdc_cases, "the tensor-core depth stage ran %d of %d cases that should take it",
+             tdc_ran, tdc_cases);
+    printf("gpu_test_backward: the tensor-core depth stage on f32 gradients ran %d of %d cases\n", tdc_f32_ran,
+           tdc_f32_cases);
+    TU_CHECK(tdc_f32_ran == tdc_f32_cases, "the tensor-core depth stage on f32 gradients ran %d of %d cases", tdc_f32_ran,
+             tdc_f32_cases);
     if (hopper) {
         printf("gpu_test_backward: the sm_90a backward ran %d of %d Hopper cases\n", hopper_ran, hopper_cases);
         /* every case asked for is f16/bf16, d = dv in {64, 128}, unsplit: a silent fallback is a failure */

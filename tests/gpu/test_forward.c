@@ -134,8 +134,7 @@ static void grid(tu_rng *r, cudaStream_t stream) {
     const int quick = tu_quick();
     const int ncases = (int)(sizeof base / sizeof base[0]);
     /* the quick grid (the sanitizers' run) caps T at 80, except for the last two cases: T > 128 reaches the
-     * loops over several tiles per consumer warpgroup (and the turns of a ping-pong between them) under memcheck
-     * and racecheck */
+     * loops over several tiles per consumer warpgroup under memcheck and racecheck */
     const int uncapped = ncases - 2;
     for (int i = 0; i < ncases; i++) {
         const moda_dtype dts[3] = {MODA_BF16, MODA_F16, MODA_F32};
