@@ -22,6 +22,12 @@
 /* ------------------------------------------------------------------------------------------------------ */
 /* Delta[row] = <dO[row], O[row]> in fp32 (spec.md §3); one warp per row.                                  */
 /* ------------------------------------------------------------------------------------------------------ */
+/* The fused pass's row-block counters start at zero on every call (grid-stride, any grid). */
+static __device__ __forceinline__ void bw_zero_dqcnt(const bw_params &p) {
+    const int64_t nthreads = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.dqcnt_n; i += nthreads) p.dqcnt[i] = 0u;
+}
+
 __global__ void bw_preprocess_kernel(bw_params p) {
     const int lane = threadIdx.x & 31;
     const int64_t rows = p.B * p.T * p.Hk * p.G;
@@ -38,9 +44,7 @@ __global__ void bw_preprocess_kernel(bw_params p) {
         if (p.dqacc_zero)
             for (int64_t i = lane; i < p.d; i += 32) p.dqacc[row * p.d + i] = 0.f;
     }
-    /* the fused pass's row-block counters start at zero on every call */
-    const int64_t nthreads = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.dqcnt_n; i += nthreads) p.dqcnt[i] = 0u;
+    bw_zero_dqcnt(p);
 }
 
 /* The same for f16/bf16 O and dO with dv in {64, 128} and 16-byte aligned rows: DV/8 lanes per row, one
@@ -73,8 +77,7 @@ template <typename E, int DV> __global__ void bw_preprocess_vec_kernel(bw_params
             }
         }
     }
-    const int64_t nthreads = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.dqcnt_n; i += nthreads) p.dqcnt[i] = 0u;
+    bw_zero_dqcnt(p);
 }
 
 /* Loads the lane's share of a row of n elements (element i = lane + 32c) into registers as float. */
@@ -513,8 +516,9 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     bw_last_depth = "none";
     if (has_depth && bw_tdw_supported(p) && p->B * p->T * p->Hk < ((int64_t)1 << 32) &&
         bw_new_kernel_on("MODA_CUDA_BWD_NOTDW")) {
-        bw_last_depth = bw_tdc_use(&bp) ? "tdc" : "tdw";
-        const cudaError_t e = bw_launch_tdw(&bp, st);
+        const int tdc = bw_tdc_use(&bp);
+        bw_last_depth = tdc ? "tdc" : "tdw";
+        const cudaError_t e = bw_launch_tdw(&bp, tdc, st);
         if (e != cudaSuccess)
             return moda_fail(MODA_ERR_DEVICE_FAILURE, "CUDA backward: launching the depth kernel failed: %s",
                              cudaGetErrorString(e));

@@ -138,8 +138,9 @@ size_t bw_dkdv_split_floats(const moda_problem *p);
  * (src/cuda/backward_depth.cu): the tensor-core kernel, or the warp (SIMT) one for f32 depth gradients and with
  * MODA_CUDA_BWD_NOTDC=1. */
 int bw_tdw_supported(const moda_problem *p);
-/* Whether bw_launch_tdw runs the tensor-core kernel for these gradients (else the warp kernel). */
+/* Whether the tensor-core kernel suits these gradients (else the warp kernel); bw_launch_tdw runs the one
+ * `tdc` names. */
 int bw_tdc_use(const bw_params *bp);
-cudaError_t bw_launch_tdw(const bw_params *bp, cudaStream_t stream);
+cudaError_t bw_launch_tdw(const bw_params *bp, int tdc, cudaStream_t stream);
 
 #endif /* MODA_CUDA_BACKWARD_COMMON_CUH */

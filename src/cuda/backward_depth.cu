@@ -472,9 +472,9 @@ int bw_tdc_use(const bw_params *bp) {
     return e && e[0] == '1';
 }
 
-cudaError_t bw_launch_tdw(const bw_params *bp, cudaStream_t st) {
+cudaError_t bw_launch_tdw(const bw_params *bp, int tdc, cudaStream_t st) {
     const int bf = bp->q.dtype == MODA_BF16;
-    if (bw_tdc_use(bp))
+    if (tdc)
         return bf ? bw_run_tdc_e<__nv_bfloat16>(bp, st) : bw_run_tdc_e<__half>(bp, st);
     return bf ? bw_run_tdw_e<__nv_bfloat16>(bp, st) : bw_run_tdw_e<__half>(bp, st);
 }

@@ -420,13 +420,7 @@ __device__ __forceinline__ void hb_cta(const bw_params &p, uint64_t *bars, unsig
     const int rbeg = p.causal ? j0 * G : 0; /* rows before the block's first key see none of its keys */
     const int nsteps = (nrows - rbeg + BM - 1) / BM;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < HB_STAGES; s++) {
-            moda_mbar_init(bar_full + 8 * s, 128);
-            moda_mbar_init(bar_empty + 8 * s, 256);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    if (threadIdx.x == 0) moda_mbar_ring_init(bar_full, bar_empty, HB_STAGES, 128, 256);
     __syncthreads();
 
     const int wg = threadIdx.x >> 7;

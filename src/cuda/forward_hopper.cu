@@ -603,13 +603,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
     const int jend = p.sequence ? (p.causal ? Rlast / p.G + 1 : p.T) : 0;
     const int ntiles = (jend + HOP_BN - 1) / HOP_BN;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; s++) {
-            moda_mbar_init(bar_full + 8 * s, 1);
-            moda_mbar_init(bar_empty + 8 * s, 256);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    if (threadIdx.x == 0) moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
     __syncthreads();
 
     const int wg = threadIdx.x >> 7;

@@ -13,6 +13,16 @@
 static __device__ __forceinline__ void moda_mbar_init(uint32_t bar, uint32_t count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
+/* The full/empty mbarrier pairs of a STAGES-deep ring (8 bytes apart), initialised by one thread and fenced so
+ * that the async proxy sees them; the caller's __syncthreads publishes them to the CTA. */
+static __device__ __forceinline__ void moda_mbar_ring_init(uint32_t bar_full, uint32_t bar_empty, int stages,
+                                                           uint32_t full_count, uint32_t empty_count) {
+    for (int s = 0; s < stages; s++) {
+        moda_mbar_init(bar_full + 8 * s, full_count);
+        moda_mbar_init(bar_empty + 8 * s, empty_count);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
 static __device__ __forceinline__ void moda_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
