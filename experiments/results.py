@@ -4,7 +4,9 @@
 Tabulates the arms of experiments/run_arms.sh (RUNS_DIR/<arm>/log.jsonl, default experiments/runs): the final
 validation loss of each run, per arm (norm, depth) the mean over seeds, the spread and the min-max range of the
 seeds, the gap of every MoDA arm to the same norm's baseline, tokens per run and throughput; then one sentence per
-MoDA arm saying whether its seed range is disjoint from the baseline's. Throughput comes from log.jsonl when a
+MoDA arm saying whether its seed range is disjoint from the baseline's, and a warning for every run whose
+validation loss ended far above its own best (diverged), or a line listing the best losses where runs ended
+slightly above them (over-fitting). Throughput comes from log.jsonl when a
 record there carries it ("tok_s" or "throughput"), else from the trainer's console output given with --console
 (run_arms.sh's "== <arm>:" headers followed by the trainer's "throughput N tok/s" line), else it is left out.
 
@@ -165,7 +167,7 @@ def plot_matplotlib(plt, path, series, xlabel, title):
     markers = {}
     x_max = max(p[0] for s in series for p in s[4])
     half = x_max / 2
-    end_pts, finals = [], []
+    end_pts, finals, off_scale = [], [], []
     for label, depth, norm, seed, pts in series:
         rgb = COLOURS.get(depth, (120, 120, 120))
         col = tuple(c / 255 for c in rgb)
@@ -174,6 +176,9 @@ def plot_matplotlib(plt, path, series, xlabel, title):
         kw = dict(color=col, linestyle=styles.get(norm, ":"), marker=mk, markersize=4, linewidth=1.6)
         ax_all.plot(xs, ys, label=label, **kw)
         tail = [p for p in pts if p[0] >= half]
+        if pts[-1][1] > DIVERGED * min(ys):  # a diverged run would squash the zoom: left out of it, named there
+            off_scale.append(label)
+            continue
         end_pts += [p[1] for p in tail]
         ax_end.plot([p[0] for p in tail], [p[1] for p in tail], **kw)
         if tail:
@@ -199,6 +204,9 @@ def plot_matplotlib(plt, path, series, xlabel, title):
             placed.append(ty)
             ax_end.annotate("%.4f" % y, (x, y), xytext=(x + 0.03 * x_max, ty), fontsize=7, color=col, va="center",
                             arrowprops=dict(arrowstyle="-", color=col, lw=0.5, shrinkA=0, shrinkB=2))
+    if off_scale:
+        ax_end.text(0.02, 0.98, "not shown (diverged): " + "; ".join(off_scale), transform=ax_end.transAxes,
+                    fontsize=7, va="top", color="0.3")
     ax_all.legend(fontsize=8, title="norm, depth sources, seed (final loss)", title_fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -228,6 +236,37 @@ def seed_verdict(norm, depth, ls, base):
             name, gap, ranges, caveat)
     return "%s is within the seed spread of the baseline (%+.4f; ranges %s overlap): no difference shown." % (
         name, gap, ranges)
+
+
+DIVERGED = 1.20  # final validation loss above 1.2x the run's best: the run blew up (not over-fitting noise)
+ROSE = 0.005  # nats/byte above the run's best at the end: worth a line (over-fitting, or a noisy schedule end)
+
+
+def run_health(runs):
+    """lines on runs whose validation loss ended well above their own best: a diverged run makes its arm's
+    gap a measure of training stability, not of the model; a mild rise at the end (over-fitting, e.g. more
+    than one pass over the data) makes the best loss worth reading beside the final one"""
+    out, rose = [], []
+    for name, (cfg, val, train, tps) in sorted(runs.items(), key=lambda kv: (arm_key(arm_of(kv[0])), kv[0])):
+        if not val:
+            continue
+        bstep, best = min(val, key=lambda p: p[1])
+        fstep, final = val[-1]
+        if final > DIVERGED * best:
+            out.append("Warning: %s diverged: validation loss %.4f at step %d, %.4f at step %d (+%.0f %%). Gaps "
+                       "to or from its arm measure training stability at this learning rate, not the model." % (
+                           name, best, bstep, final, fstep, 100 * (final / best - 1)))
+        elif final - best > ROSE:
+            rose.append((final - best, name, best, bstep))
+    if rose:
+        rose.sort(reverse=True)
+        out.append("The validation loss ended above its own best in %d of %d runs (largest: %s, %+.4f from %.4f at "
+                   "step %d): over-fitting or noise at the end of the schedule; the best losses: %s." % (
+                       len(rose), len(runs), rose[0][1], rose[0][0], rose[0][2], rose[0][3],
+                       ", ".join("%s %.4f" % (n, min(v, key=lambda p: p[1])[1])
+                                 for n, (c, v, t, x) in sorted(runs.items(),
+                                                               key=lambda kv: (arm_key(arm_of(kv[0])), kv[0])) if v)))
+    return out
 
 
 def parse_args(argv):
@@ -317,6 +356,7 @@ def main():
         lines.append(row + " |")
         if depth != "none":
             verdicts.append(seed_verdict(norm, depth, ls, [r[2] for r in arms.get((norm, "none"), [])] or None))
+    verdicts += run_health(runs)
     all_tokens = set(r[3] for v in arms.values() for r in v)
     if len(all_tokens) > 1:
         verdicts.append("Warning: the runs did not all see the same number of tokens (%s): the arms are not "

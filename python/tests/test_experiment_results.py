@@ -110,3 +110,26 @@ def test_matplotlib_png(tmp_path):
     assert w > 1000 and h > 500
     _, table_fallback, _ = run(tmp_path)
     assert table_mpl == table_fallback
+
+
+def rewrite_val(path, fn):
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
+    for r in recs:
+        if "val_loss" in r:
+            r["val_loss"] = fn(r["step"], r["val_loss"])
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+
+def test_diverged_and_overfitting_runs_are_named(tmp_path):
+    (tmp_path / "runs").mkdir()
+    make_runs(tmp_path / "runs")
+    _, table, _ = run(tmp_path)
+    assert "diverged" not in table and "above its own best" not in table  # monotone curves: nothing to say
+    # post_none_s1 blows up after step 20 (1.35 there, 3.6 at the end); pre_attnffn_s1 ends 0.025 above its best (1.125 at step 30)
+    rewrite_val(tmp_path / "runs" / "post_none_s1" / "log.jsonl", lambda s, v: v if s <= 20 else 3.6)
+    rewrite_val(tmp_path / "runs" / "pre_attnffn_s1" / "log.jsonl", lambda s, v: v + (0.15 if s == 40 else 0.0))
+    _, table, _ = run(tmp_path)
+    warn = [x for x in table.splitlines() if "diverged" in x]
+    assert len(warn) == 1 and "post_none_s1 diverged: validation loss 1.3500 at step 20, 3.6000 at step 40" in warn[0]
+    rose = [x for x in table.splitlines() if "above its own best" in x]
+    assert len(rose) == 1 and "1 of 12 runs" in rose[0] and "pre_attnffn_s1, +0.0250 from 1.1250 at step 30" in rose[0]
