@@ -4,7 +4,8 @@
 #   bash bench/device_run.sh            # build + gpu tests + sanitizers + moda bench + SDPA comparison
 # Stages can be narrowed with STAGES="build test sanitize check pytest bench sdpa" (default: all of them; the
 # extra stage "profile" runs Nsight Compute on PROFILE_SHAPES, default S1,S2, kernels matching PROFILE_KERNELS;
-# "variants" times kernel variants built with extra CUDA flags side by side, see VARIANTS below);
+# "variants" times kernel variants built with extra CUDA flags side by side, see VARIANTS below; "envsweep" times
+# one environment switch at several values, ENV_SWEEP="NAME=v1,v2,...");
 # BENCH_SHAPES=S1,S3 narrows the timed shapes; MODA_GPU_TEST_FILTER=forward runs only gpu_*forward*;
 # BENCH_ARGS / SDPA_ARGS add options to the two timers (e.g. --no-backward to both).
 set -u
@@ -140,6 +141,24 @@ if has variants; then
     done
     grep -E "^## |^\| S" "$OUT/variants.txt" | awk '/^## /{v=$3; next} {print v, $0}' | tee "$OUT/variants_short.txt"
     note "variants: $(( $(date +%s) - t1 )) s"
+fi
+if has envsweep; then
+    # ENV_SWEEP="NAME=v1,v2,...": moda bench (BENCH_SHAPES, BENCH_ARGS) once per value of one switch, in one
+    # process tree, with the switch unset first and last (the spread of those two says what noise is).
+    t1=$(date +%s)
+    sname=${ENV_SWEEP%%=*}
+    svals=$(echo "${ENV_SWEEP#*=}" | tr ',' ' ')
+    scmd="./$BUILD/moda bench"
+    [ -x "$BUILD/moda" ] || scmd="./$BUILD/moda_bench_cuda"
+    : > "$OUT/envsweep.txt"
+    for v in unset $svals unset; do
+        echo "## $sname=$v" >> "$OUT/envsweep.txt"
+        if [ "$v" = unset ]; then sw="-u $sname"; else sw="$sname=$v"; fi
+        # shellcheck disable=SC2086
+        env $sw timeout ${BENCH_TIMEOUT:-200} $scmd --device cuda --shapes "$SHAPES" ${BENCH_ARGS:-} >> "$OUT/envsweep.txt" 2>&1
+    done
+    grep -E "^## |^\| S" "$OUT/envsweep.txt" | awk '/^## /{v=$2; next} {print v, $0}' | tee "$OUT/envsweep_short.txt"
+    note "envsweep $sname: $(( $(date +%s) - t1 )) s"
 fi
 if has profile; then
     # Nsight Compute on the kernels of one timed shape each (clock control off: the card's own clocks, as the
