@@ -518,14 +518,19 @@ int main(int argc, char **argv) {
                 hopper_ran += !strcmp(moda_testing_cuda_last_backward(), "hopper");
                 hopper_cases += 2;
                 /* the depth stage beside it (MODA_CUDA_BWD_OVERLAP, a draft): on 3 SMs, so that both kernels are
-                 * resident at once even on the small cases; overwrite in bf16, accumulate in f16 */
+                 * resident at once even on the small cases; overwrite in bf16, accumulate in f16 and f32 */
                 if (tdc_case) {
                     setenv("MODA_CUDA_BWD_OVERLAP", "3", 1);
                     check_case(c, MODA_BF16, MODA_BF16, 0, 0, &r);
                     overlap_ran += !strcmp(moda_testing_cuda_last_depth_backward(), "tdc-overlap");
                     check_case(c, MODA_F16, MODA_F16, 1, 0, &r);
                     overlap_ran += !strcmp(moda_testing_cuda_last_depth_backward(), "tdc-overlap");
-                    overlap_cases += 2;
+                    /* f32 depth gradients (a trainer's) take it only with the tensor-core stage asked for */
+                    setenv("MODA_CUDA_BWD_TDC_F32", "1", 1);
+                    check_case(c, MODA_BF16, MODA_F32, 1, 0, &r);
+                    overlap_ran += !strcmp(moda_testing_cuda_last_depth_backward(), "tdc-overlap");
+                    unsetenv("MODA_CUDA_BWD_TDC_F32");
+                    overlap_cases += 3;
                     unsetenv("MODA_CUDA_BWD_OVERLAP");
                 }
                 unsetenv("MODA_CUDA_BWD_HOPPER");
