@@ -2,7 +2,8 @@
 # experiments/device_train.sh - the GPU trainer's one device call: build with the model and CUDA on, the
 # GPU-vs-CPU parity test, the speed table of issue 8's configurations, and a smoke run of one experiment arm.
 # Logs go to $OUT (the device tool's output folder); a short table is printed last.
-#   STAGES="build parity speed smoke" (default: all), SPEED_STEPS (timed steps per config after 3 warm-up
+#   STAGES="build parity speed smoke" (default: all; "kernels", not in the default, times every kernel of
+#   KERNEL_STEPS steps of the KERNEL_CONFIGS rows with Nsight Compute), SPEED_STEPS (timed steps per config after 3 warm-up
 #   steps, default 6), PROFILE_STEPS (profiled steps after those, default 2), SMOKE_STEPS (default 120),
 #   ARCH (default 90a), SPEED_CONFIGS (names of the speed table's rows to run, default all).
 # Speed rows: <model>_T<seq>_<depth> with the deterministic attention backward (the trainer's default);
@@ -79,6 +80,27 @@ if has speed; then
         mfu=$(sed -n 's/.*MFU \([0-9.]*%\).*/\1/p' "$OUT/speed_$name.log")
         prof=$(sed -n 's/.*profile of [0-9]* steps (ms per step): //p' "$OUT/speed_$name.log")
         printf "%-22s %12s %8s  %s\n" "$name" "${tps:-rc=$rc}" "${mfu:--}" "${prof:-$(tail -1 "$OUT/speed_$name.log")}" | tee -a "$summary"
+    done
+fi
+
+if has kernels; then
+    # Per-kernel times of KERNEL_STEPS training steps of each KERNEL_CONFIGS row (names of the speed table),
+    # by Nsight Compute (one metric, the card's own clocks, caches not flushed between kernels: the durations
+    # the unprofiled run has, kernels serialised), as a table per step (bench/ncu_kernel_table.py).
+    ksteps=${KERNEL_STEPS:-2}
+    for cfg in "${speed_configs[@]}"; do
+        IFS='|' read -r name flags batch seq envs <<< "$cfg"
+        case " ${KERNEL_CONFIGS:-d384_T4096_none_nd} " in *" $name "*) ;; *) continue ;; esac
+        t=$(date +%s)
+        # shellcheck disable=SC2086
+        env $envs timeout ${KERNEL_TIMEOUT:-240} ncu --csv --print-units base --metrics gpu__time_duration.sum \
+            --cache-control none --clock-control none "$MODA" train --device cuda $flags --batch "$batch" --seq "$seq" \
+            --steps "$ksteps" --warmup 1 --lr 1e-3 --eval-every 0 --eval-batches 1 --log-every 1000 --out none \
+            > "$OUT/ncu_train_$name.csv" 2> "$OUT/ncu_train_$name.err"
+        rc=$?
+        echo "kernels $name ($ksteps steps): rc=$rc ($(( $(date +%s) - t )) s)" | tee -a "$summary"
+        python3 bench/ncu_kernel_table.py "$OUT/ncu_train_$name.csv" --steps "$ksteps" --top 25 \
+            --md "$OUT/kernels_$name.md" | tee -a "$summary"
     done
 fi
 
