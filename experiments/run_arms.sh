@@ -8,7 +8,8 @@
 #   --warmup N [100], --eval-every N [100], --eval-batches N [16], --data DIR [experiments/data],
 #   --out DIR [experiments/runs], --moda PATH [the build's moda], --device cpu|cuda [cuda; cpu only to try
 #   the script with a few tiny steps], --deterministic-attention on|off [on; off: the operator's faster
-#   non-deterministic backward, about 1.3x the tokens per second on an H100].
+#   non-deterministic backward, about 1.3x the tokens per second on an H100], --gpus N [1; N > 1: the arms dealt
+#   over N GPUs in turn, one run per GPU at a time (CUDA_VISIBLE_DEVICES), consoles in DIR/console_gpuI.log].
 # Each run writes DIR/<arm>/log.jsonl, loss.png, ckpt.bin; experiments/results.py tabulates and plots them.
 set -u
 ALL_ARMS="post_none_s1 post_none_s2 post_attn_s1 post_attn_s2 post_attnffn_s1 post_attnffn_s2 pre_none_s1 pre_attnffn_s1"
@@ -28,6 +29,7 @@ OUTROOT=experiments/runs
 MODA=${MODA:-${BUILD:-/tmp/moda_build_model}/moda}
 DEVICE=cuda
 DETATTN=on
+GPUS=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --arms) ARMS=$2 ;;
@@ -43,6 +45,7 @@ while [ $# -gt 0 ]; do
     --moda) MODA=$2 ;;
     --device) DEVICE=$2 ;;
     --deterministic-attention) DETATTN=$2 ;;
+    --gpus) GPUS=$2 ;;
     *) echo "run_arms.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift 2
@@ -50,6 +53,30 @@ done
 [ -x "$MODA" ] || { echo "run_arms.sh: no moda at $MODA (set MODA=...)" >&2; exit 2; }
 [ -f "$DATA/train.txt" ] || { echo "run_arms.sh: no $DATA/train.txt (run experiments/prepare_data.sh)" >&2; exit 2; }
 mkdir -p "$OUTROOT"
+if [ "$GPUS" -gt 1 ]; then
+    # one list of arms per GPU, dealt in turn (the default order then gives each GPU a similar mix of depth
+    # settings); each list runs this script on its own GPU and writes its console to OUTROOT/console_gpuI.log
+    # (results.py --console takes them all)
+    rc=0
+    pids=""
+    for ((i = 0; i < GPUS; i++)); do
+        mine=""
+        n=0
+        for arm in $ARMS; do
+            [ $((n % GPUS)) -eq $i ] && mine="$mine $arm"
+            n=$((n + 1))
+        done
+        [ -n "$mine" ] || continue
+        CUDA_VISIBLE_DEVICES=$i MODA="$MODA" bash "$0" --arms "$mine" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" \
+            --lr "$LR" --warmup "$WARMUP" --eval-every "$EVAL_EVERY" --eval-batches "$EVAL_BATCHES" --data "$DATA" \
+            --out "$OUTROOT" --moda "$MODA" --device "$DEVICE" --deterministic-attention "$DETATTN" --gpus 1 \
+            > "$OUTROOT/console_gpu$i.log" 2>&1 &
+        pids="$pids $!"
+        echo "GPU $i:$mine (console: $OUTROOT/console_gpu$i.log)"
+    done
+    for p in $pids; do wait "$p" || rc=1; done
+    exit $rc
+fi
 rc=0
 for arm in $ARMS; do
     norm=${arm%%_*}
