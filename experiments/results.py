@@ -148,6 +148,14 @@ def plot_fallback(path, curves, w=900, h=560):
     return y0, y1
 
 
+DIVERGED = 1.20  # final validation loss above 1.2x the run's best: the run blew up (not over-fitting noise)
+
+
+def diverged(val):
+    """val: [(x, validation loss)] of one run, in order"""
+    return val[-1][1] > DIVERGED * min(v for _, v in val)
+
+
 def load_matplotlib():
     if os.environ.get("MODA_RESULTS_NO_MATPLOTLIB"):
         return None
@@ -176,7 +184,7 @@ def plot_matplotlib(plt, path, series, xlabel, title):
         kw = dict(color=col, linestyle=styles.get(norm, ":"), marker=mk, markersize=4, linewidth=1.6)
         ax_all.plot(xs, ys, label=label, **kw)
         tail = [p for p in pts if p[0] >= half]
-        if pts[-1][1] > DIVERGED * min(ys):  # a diverged run would squash the zoom: left out of it, named there
+        if diverged(pts):  # a diverged run would squash the zoom: left out of it, named there
             off_scale.append(label)
             continue
         end_pts += [p[1] for p in tail]
@@ -238,7 +246,6 @@ def seed_verdict(norm, depth, ls, base):
         name, gap, ranges)
 
 
-DIVERGED = 1.20  # final validation loss above 1.2x the run's best: the run blew up (not over-fitting noise)
 ROSE = 0.005  # nats/byte above the run's best at the end: worth a line (over-fitting, or a noisy schedule end)
 
 
@@ -252,7 +259,7 @@ def run_health(runs):
             continue
         bstep, best = min(val, key=lambda p: p[1])
         fstep, final = val[-1]
-        if final > DIVERGED * best:
+        if diverged(val):
             out.append("Warning: %s diverged: validation loss %.4f at step %d, %.4f at step %d (+%.0f %%). Gaps "
                        "to or from its arm measure training stability at this learning rate, not the model." % (
                            name, best, bstep, final, fstep, 100 * (final / best - 1)))
