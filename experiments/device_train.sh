@@ -27,7 +27,7 @@ echo "device: $(cat "$OUT/device.txt"); $(date -u +%FT%TZ)" | tee -a "$summary"
 if has build; then
     t=$(date +%s)
     { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMODA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" &&
-      cmake --build "$BUILD" -j16 --target moda_cli gpu_test_model_gpu; } > "$OUT/build.log" 2>&1
+      cmake --build "$BUILD" -j16 --target moda_cli gpu_test_model_gpu gpu_test_model_kernels; } > "$OUT/build.log" 2>&1
     rc=$?
     echo "build: rc=$rc ($(( $(date +%s) - t )) s)" | tee -a "$summary"
     [ $rc -ne 0 ] && { tail -30 "$OUT/build.log"; exit 1; }
@@ -42,6 +42,12 @@ if has parity; then
     rc=$?
     echo "parity test: rc=$rc ($(( $(date +%s) - t )) s)" | tee -a "$summary"
     grep -E "gradients|train |checkpoint|FAIL|passed|failed" "$OUT/parity.log" | head -40 | tee -a "$summary"
+    # the row kernels alone against a float64 reference, at the speed configurations' widths
+    t=$(date +%s)
+    timeout 60 "$BUILD/gpu_test_model_kernels" > "$OUT/model_kernels.log" 2>&1
+    rc=$?
+    echo "row-kernel test: rc=$rc ($(( $(date +%s) - t )) s)" | tee -a "$summary"
+    grep -E "FAIL|cases|passed|failed" "$OUT/model_kernels.log" | head -20 | tee -a "$summary"
 fi
 
 # name | model flags | batch | seq | environment

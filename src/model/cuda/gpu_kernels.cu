@@ -208,7 +208,7 @@ __global__ void k_rope_fwd(int64_t M, int64_t T, int64_t H, int64_t d, moda_bf16
 
 __global__ void k_grad_combine(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda_bf16_t *in16,
                                int64_t ld_in, const float *add32, int64_t ld_add, float *out32, moda_bf16_t *out16,
-                               const float *cosv, const float *sinv) {
+                               int64_t ld_o16, const float *cosv, const float *sinv) {
     const int64_t h2 = d / 2, per_row = H * h2, w = H * d;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < M * per_row;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -234,8 +234,8 @@ __global__ void k_grad_combine(int64_t M, int64_t T, int64_t H, int64_t d, int r
             out32[r * w + c1] = b;
         }
         if (out16) {
-            out16[r * w + c0] = to16(a);
-            out16[r * w + c1] = to16(b);
+            out16[r * ld_o16 + c0] = to16(a);
+            out16[r * ld_o16 + c1] = to16(b);
         }
     }
 }
@@ -250,7 +250,7 @@ int mg_grad_combine(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, cons
                     const float *add32, int64_t ld_add, float *out32, moda_bf16_t *out16, const float *cosv,
                     const float *sinv, void *stream) {
     k_grad_combine<<<blocks_for(M * H * (d / 2), 256), 256, 0, (cudaStream_t)stream>>>(
-        M, T, H, d, rotate, in16, ld_in, add32, ld_add, out32, out16, cosv, sinv);
+        M, T, H, d, rotate, in16, ld_in, add32, ld_add, out32, out16, H * d, cosv, sinv);
     return launched();
 }
 
@@ -372,18 +372,21 @@ __global__ void k_rmsnorm_fwd_v(int64_t M, int D, const moda_bf16_t *a, int64_t 
     }
 }
 
-/* the warps' weight-gradient sums of a chunk, added in warp order: partial[c, :] (sh: 8 x D floats) */
-template <int MAXU>
-static __device__ __forceinline__ void dw_chunk_store(float (*acc)[4], int D, float *sh, float *partial, int64_t c,
-                                                      const int *cols) {
-    const int wp = threadIdx.x >> 5;
+/* The weight-gradient sums live in shared memory, not registers: warp wp owns row wp of sh (8 x D floats) and
+ * each lane the columns of its units, so no two threads touch one word and no barrier is needed until the end.
+ * The rows are added in the same order as before (a warp's rows in turn), so the weight gradient stays bitwise
+ * reproducible. Held in registers the sums took 4 per unit: at D = 768 the kernel needed 218 registers, one CTA
+ * of 8 warps per SM, and ran at 2/3 of the bandwidth floor, latency-bound. */
+template <int NU>
+static __device__ __forceinline__ void dw_rows_zero(float *sh, int D, const int *cols) {
+    float *mine = sh + (threadIdx.x >> 5) * D;
 #pragma unroll
-    for (int i = 0; i < MAXU; i++) {
-        if (cols[i] >= 0) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) sh[wp * D + cols[i] + j] = acc[i][j];
-        }
-    }
+    for (int i = 0; i < NU; i++)
+        if (cols[i] >= 0) *(float4 *)(mine + cols[i]) = make_float4(0, 0, 0, 0);
+}
+
+/* the warps' sums of a chunk, added in warp order: partial[c, :] */
+static __device__ __forceinline__ void dw_chunk_store(int D, const float *sh, float *partial, int64_t c) {
     __syncthreads();
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float t = 0;
@@ -392,68 +395,80 @@ static __device__ __forceinline__ void dw_chunk_store(float (*acc)[4], int D, fl
     }
 }
 
-/* The norm's backward on a row held in registers (NU units of 4 columns per lane, cols < 0: not this lane's):
- * acc += g x rs (the weight gradient), then g becomes the input gradient rs (g w - x rs mean(g w x rs)), the
- * expressions of k_rmsnorm_dw_partial and k_rmsnorm_bwd_dx. */
+/* bf16 x 4 kept packed (2 registers instead of 4) until used */
+static __device__ __forceinline__ uint2 ld4h_raw(const moda_bf16_t *p) { return *(const uint2 *)p; }
+static __device__ __forceinline__ void unpack4h(uint2 u, float f[4]) {
+    f[0] = __uint_as_float(u.x << 16);
+    f[1] = __uint_as_float(u.x & 0xffff0000u);
+    f[2] = __uint_as_float(u.y << 16);
+    f[3] = __uint_as_float(u.y & 0xffff0000u);
+}
+
+/* The norm's backward on a row held in registers (NU units of 4 columns per lane, cols < 0: not this lane's;
+ * x packed bf16): the warp's weight-gradient sums (its row of sh) += g x rs, then g becomes the input gradient
+ * rs (g w - x rs mean(g w x rs)), the expressions of k_rmsnorm_dw_partial and k_rmsnorm_bwd_dx. */
 template <int NU>
-static __device__ __forceinline__ void norm_bwd_row(float (*g)[4], float (*xv)[4], const int *cols, const float *w,
-                                                    float rs, int D, float (*acc)[4]) {
-    /* w is read twice (L1 hits) rather than held: at 3 units per lane the registers are the occupancy limit */
+static __device__ __forceinline__ void norm_bwd_row(float (*g)[4], const uint2 *xh, const int *cols, const float *w,
+                                                    float rs, int D, float *sh) {
+    float *mine = sh + (threadIdx.x >> 5) * D;
     float dot = 0;
 #pragma unroll
     for (int i = 0; i < NU; i++) {
         if (cols[i] < 0) continue;
-        float wv[4];
+        float wv[4], xv[4], a[4];
         ld4f(w + cols[i], wv);
+        unpack4h(xh[i], xv);
+        ld4f(mine + cols[i], a);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            dot += g[i][j] * wv[j] * xv[i][j] * rs;
-            acc[i][j] += g[i][j] * xv[i][j] * rs;
+            dot += g[i][j] * wv[j] * xv[j] * rs;
+            a[j] += g[i][j] * xv[j] * rs;
         }
+        st4f(mine + cols[i], a);
     }
     dot = warp_sum(dot) / (float)D;
 #pragma unroll
     for (int i = 0; i < NU; i++)
         if (cols[i] >= 0) {
-            const float4 w4 = *(const float4 *)(w + cols[i]);
-            const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+            float wv[4], xv[4];
+            ld4f(w + cols[i], wv); /* w is read twice (L1 hits) rather than held in registers */
+            unpack4h(xh[i], xv);
 #pragma unroll
-            for (int j = 0; j < 4; j++) g[i][j] = rs * (g[i][j] * wv[j] - xv[i][j] * rs * dot);
+            for (int j = 0; j < 4; j++) g[i][j] = rs * (g[i][j] * wv[j] - xv[j] * rs * dot);
         }
 }
 
 /* RMSNorm backward, input and weight gradient in one pass (k_rmsnorm_bwd_dx + k_rmsnorm_dw_partial) */
 template <int MAXU>
-__global__ void __launch_bounds__(256, MAXU <= 3 ? 3 : 1)
+__global__ void __launch_bounds__(256, MAXU <= 4 ? 3 : 2)
     k_rmsnorm_bwd_v(int64_t M, int D, const moda_bf16_t *x, int64_t ldx, const float *w, const float *rstd,
                     const float *dy, int64_t ldy, float *dx32, int accumulate, moda_bf16_t *dx16, int64_t ldh,
                     float *partial, int64_t rows_per_chunk) {
     extern __shared__ float sh_dw[];
     const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5, U = D / 4;
     const int64_t c = blockIdx.x, r0 = c * rows_per_chunk, r1 = r0 + rows_per_chunk < M ? r0 + rows_per_chunk : M;
-    float acc[MAXU][4];
     int cols[MAXU];
 #pragma unroll
     for (int i = 0; i < MAXU; i++) {
         const int u = lane + 32 * i;
         cols[i] = u < U ? 4 * u : -1;
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc[i][j] = 0;
     }
+    dw_rows_zero<MAXU>(sh_dw, D, cols);
     const int acc_old = dx32 && accumulate;
     for (int64_t r = r0 + wp; r < r1; r += nw) {
         const float rs = rstd[r];
-        float g[MAXU][4], xv[MAXU][4], old[MAXU][4];
+        float g[MAXU][4], old[MAXU][4];
+        uint2 xh[MAXU];
         /* every load of the row first (the accumulated dx too), then the reduction */
 #pragma unroll
         for (int i = 0; i < MAXU; i++) {
             if (cols[i] >= 0) {
                 ld4f(dy + r * ldy + cols[i], g[i]);
-                ld4h(x + r * ldx + cols[i], xv[i]);
+                xh[i] = ld4h_raw(x + r * ldx + cols[i]);
                 if (acc_old) ld4f(dx32 + r * (int64_t)D + cols[i], old[i]);
             }
         }
-        norm_bwd_row<MAXU>(g, xv, cols, w, rs, D, acc);
+        norm_bwd_row<MAXU>(g, xh, cols, w, rs, D, sh_dw);
 #pragma unroll
         for (int i = 0; i < MAXU; i++) {
             if (cols[i] >= 0) {
@@ -468,7 +483,7 @@ __global__ void __launch_bounds__(256, MAXU <= 3 ? 3 : 1)
             }
         }
     }
-    dw_chunk_store<MAXU>(acc, D, sh_dw, partial, c, cols);
+    dw_chunk_store(D, sh_dw, partial, c);
 }
 
 /* QK-norm (optional) and RoPE of M rows of H heads of d (k_rmsnorm_fwd then k_rope_fwd, with the norm's bf16
@@ -537,7 +552,7 @@ __global__ void k_qk_fwd_v(int64_t M, int64_t T, int H, int d, const moda_bf16_t
  * the norm's backward with its weight-gradient partials (w != NULL); bf16 out (k_grad_combine then
  * k_rmsnorm_dw_partial and k_rmsnorm_bwd_dx, without the fp32 round trip in between). */
 template <int MAXU>
-__global__ void __launch_bounds__(256, MAXU <= 2 ? 2 : 1)
+__global__ void __launch_bounds__(256, MAXU == 1 ? 4 : MAXU <= 3 ? 3 : 2)
     k_qk_bwd_v(int64_t M, int64_t T, int H, int d, int rotate, const moda_bf16_t *in16, int64_t ld_in,
                const float *add32, int64_t ld_add, const moda_bf16_t *x, const float *w, const float *rstd,
                moda_bf16_t *out16, int64_t ld_out, float *partial, int64_t rows_per_chunk, const float *cosv,
@@ -546,7 +561,6 @@ __global__ void __launch_bounds__(256, MAXU <= 2 ? 2 : 1)
     const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int h2 = d / 2, q4 = h2 / 4, U = H * q4, W = H * d;
     const int64_t c = blockIdx.x, r0 = c * rows_per_chunk, r1 = r0 + rows_per_chunk < M ? r0 + rows_per_chunk : M;
-    float acc[2 * MAXU][4];
     int cols[2 * MAXU], k4[MAXU];
 #pragma unroll
     for (int i = 0; i < MAXU; i++) {
@@ -559,12 +573,13 @@ __global__ void __launch_bounds__(256, MAXU <= 2 ? 2 : 1)
             cols[2 * i] = h * d + k4[i];
             cols[2 * i + 1] = cols[2 * i] + h2;
         }
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc[2 * i][j] = acc[2 * i + 1][j] = 0;
     }
+    if (w) dw_rows_zero<2 * MAXU>(sh_dw, W, cols);
     for (int64_t r = r0 + wp; r < r1; r += nw) {
         const int64_t t = r % T;
         float g[2 * MAXU][4];
+        uint2 xh[2 * MAXU];
+        /* every load of the row first (x too: it does not depend on the rotation), then the arithmetic */
 #pragma unroll
         for (int i = 0; i < 2 * MAXU; i++) {
 #pragma unroll
@@ -577,6 +592,7 @@ __global__ void __launch_bounds__(256, MAXU <= 2 ? 2 : 1)
 #pragma unroll
                     for (int j = 0; j < 4; j++) g[i][j] += e[j];
                 }
+                if (w) xh[i] = ld4h_raw(x + r * (int64_t)W + cols[i]);
             }
         }
         if (rotate) { /* transpose rotation: the backward of the forward one */
@@ -595,19 +611,12 @@ __global__ void __launch_bounds__(256, MAXU <= 2 ? 2 : 1)
                 }
             }
         }
-        if (w) {
-            const float rs = rstd[r];
-            float xv[2 * MAXU][4];
-#pragma unroll
-            for (int i = 0; i < 2 * MAXU; i++)
-                if (cols[i] >= 0) ld4h(x + r * (int64_t)W + cols[i], xv[i]);
-            norm_bwd_row<2 * MAXU>(g, xv, cols, w, rs, W, acc);
-        }
+        if (w) norm_bwd_row<2 * MAXU>(g, xh, cols, w, rstd[r], W, sh_dw);
 #pragma unroll
         for (int i = 0; i < 2 * MAXU; i++)
             if (cols[i] >= 0) st4h(out16 + r * ld_out + cols[i], g[i]);
     }
-    if (w) dw_chunk_store<2 * MAXU>(acc, W, sh_dw, partial, c, cols);
+    if (w) dw_chunk_store(W, sh_dw, partial, c);
 }
 
 /* SwiGLU, 8 elements (16 bytes of each operand) per thread: the scalar kernels' arithmetic */
@@ -801,7 +810,11 @@ int mg_qk_bwd(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda
     cudaStream_t st = (cudaStream_t)stream;
     if (elem_legacy() || !mu || ld_in % 4 || ld_add % 4 || ld_out % 4 || !aligned(in16, 8) || !aligned(add32, 16) ||
         !aligned(x, 8) || !aligned(w, 16) || !aligned(out16, 8) || !aligned(cosv, 16) || !aligned(sinv, 16)) {
-        if (!w) return mg_grad_combine(M, T, H, d, rotate, in16, ld_in, add32, ld_add, NULL, out16, cosv, sinv, stream);
+        if (!w) { /* out16 at its own row stride (mg_grad_combine writes dense rows) */
+            k_grad_combine<<<blocks_for(M * H * (d / 2), 256), 256, 0, st>>>(M, T, H, d, rotate, in16, ld_in, add32,
+                                                                             ld_add, NULL, out16, ld_out, cosv, sinv);
+            return launched();
+        }
         int e = mg_grad_combine(M, T, H, d, rotate, in16, ld_in, add32, ld_add, scratch32, NULL, cosv, sinv, stream);
         if (!e) e = mg_rmsnorm_bwd_dw(M, W, x, W, rstd, scratch32, W, partial, nchunk, dw, stream);
         if (!e) e = mg_rmsnorm_bwd_dx(M, W, x, W, w, rstd, scratch32, W, NULL, 0, out16, ld_out, stream);
