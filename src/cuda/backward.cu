@@ -451,46 +451,9 @@ static int bw_td_slots(const moda_problem *p, size_t limit, size_t *bytes) {
 
 /* The sequence-kernel family of this thread's last backward, for tests (moda_testing_cuda_last_backward). */
 static thread_local const char *bw_last_path = "none";
-/* ... and of its depth stage: "tdc" (tensor cores), "tdc-overlap" (the same beside the sequence pass),
- * "tdw" (warp per token), "token" (CTA per token), "generic" or "none" (no visible slot). */
+/* ... and of its depth stage: "tdc" (tensor cores), "tdw" (warp per token), "token" (CTA per token), "generic"
+ * or "none" (no visible slot). */
 static thread_local const char *bw_last_depth = "none";
-
-/* MODA_CUDA_BWD_OVERLAP=n (a draft, off by default, not yet timed): in the non-deterministic mode on sm_90, the
- * tensor-core depth stage runs as a persistent kernel on n SMs at the same time as the sm_90a sequence pass on
- * the others, instead of before it. The depth stage is memory-bound and the sequence pass compute-bound, so the
- * two could overlap where the depth bytes are a large part of the time (S2: 3.37 + 3.05 ms in sequence, session
- * 4). Returns n, or 0 where the switch is unset or the stage would not run those two kernels anyway. */
-static int bw_overlap_sms(const moda_problem *p, const bw_params *bp, int tdw_path, int fused_warps) {
-    const char *e = getenv("MODA_CUDA_BWD_OVERLAP");
-    if (!e || !*e) return 0;
-    const long n = strtol(e, NULL, 10);
-    if (n <= 0 || n > 4096) return 0;
-    if (!tdw_path || !fused_warps || bp->deterministic || !bw_tdc_use(bp) || !bw_hopper_use(p, bp)) return 0;
-    return (int)n;
-}
-
-/* The depth stage on `sms` SMs of a side stream beside the sm_90a sequence pass on `st`, joined back into `st`
- * (fork and join by events; the side stream gets the highest priority so that its few CTAs take their SMs
- * before the sequence pass's many fill them). The stream and events are released once their work is done. */
-static cudaError_t bw_run_overlapped(const bw_params *bp, int sms, cudaStream_t st) {
-    cudaStream_t side = NULL;
-    cudaEvent_t fork = NULL, join = NULL;
-    int lo = 0, hi = 0;
-    cudaError_t e = cudaDeviceGetStreamPriorityRange(&lo, &hi);
-    if (e == cudaSuccess) e = cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, hi);
-    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&fork, cudaEventDisableTiming);
-    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&join, cudaEventDisableTiming);
-    if (e == cudaSuccess) e = cudaEventRecord(fork, st);
-    if (e == cudaSuccess) e = cudaStreamWaitEvent(side, fork, 0);
-    if (e == cudaSuccess) e = bw_launch_tdc_persistent(bp, sms, side);
-    if (e == cudaSuccess) e = bw_launch_hopper(bp, st);
-    if (e == cudaSuccess) e = cudaEventRecord(join, side);
-    if (e == cudaSuccess) e = cudaStreamWaitEvent(st, join, 0);
-    if (join) cudaEventDestroy(join);
-    if (fork) cudaEventDestroy(fork);
-    if (side) cudaStreamDestroy(side);
-    return e;
-}
 
 extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace, size_t workspace_bytes, void *stream) {
     const size_t need = moda_cuda_backward_workspace(p);
@@ -534,10 +497,6 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
         if (bp.dkdv_nsplit > 1) bp.dkvpart = (float *)(wsb + ws.part);
     }
     if (rows == 0) return MODA_OK;
-    const int tdw_path = has_depth && bw_tdw_supported(p) && p->B * p->T * p->Hk < ((int64_t)1 << 32) &&
-                         bw_new_kernel_on("MODA_CUDA_BWD_NOTDW");
-    const int overlap = mma ? bw_overlap_sms(p, &bp, tdw_path, fused_warps) : 0;
-    if (overlap) bp.dqacc_zero = 1; /* both passes add into dqacc, concurrently */
 
     moda_status s;
     if ((p->dtype == MODA_F16 || p->dtype == MODA_BF16) && p->o.dtype == p->dtype && p->grad_o.dtype == p->dtype &&
@@ -555,9 +514,8 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
     if ((s = bw_check_launch("the Delta preprocessing kernel")) != MODA_OK) return s;
 
     bw_last_depth = "none";
-    if (overlap) {
-        bw_last_depth = "tdc-overlap"; /* launched with the sequence pass below */
-    } else if (tdw_path) {
+    if (has_depth && bw_tdw_supported(p) && p->B * p->T * p->Hk < ((int64_t)1 << 32) &&
+        bw_new_kernel_on("MODA_CUDA_BWD_NOTDW")) {
         const int tdc = bw_tdc_use(&bp);
         bw_last_depth = tdc ? "tdc" : "tdw";
         const cudaError_t e = bw_launch_tdw(&bp, tdc, st);
@@ -593,10 +551,7 @@ extern "C" moda_status moda_cuda_backward(const moda_problem *p, void *workspace
             /* the sm_90a pass (backward_hopper.cu) in place of the mma.sync one where it applies */
             const int hopper = bw_hopper_use(p, &bp);
             bw_last_path = hopper ? "hopper" : bp.deterministic ? "fused-ordered" : "fused";
-            if (overlap) /* bw_overlap_sms made sure that hopper holds */
-                e = bw_run_overlapped(&bp, overlap, st);
-            else
-                e = hopper ? bw_launch_hopper(&bp, st) : bw_launch_mma_fused(&bp, st);
+            e = hopper ? bw_launch_hopper(&bp, st) : bw_launch_mma_fused(&bp, st);
             if (e == cudaSuccess) e = bw_launch_dq_finish(&bp, st);
         } else {
             /* dK, dV by the sm_90a kernel's dK/dV-only form on sm_90 (MODA_CUDA_BWD_HOPPER_DKDV=0: the mma.sync pass) */

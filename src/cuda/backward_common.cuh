@@ -142,8 +142,5 @@ int bw_tdw_supported(const moda_problem *p);
  * `tdc` names. */
 int bw_tdc_use(const bw_params *bp);
 cudaError_t bw_launch_tdw(const bw_params *bp, int tdc, cudaStream_t stream);
-/* The tensor-core depth stage as a persistent kernel on `sms` SMs, adding its dQ part into a zeroed dqacc
- * (MODA_CUDA_BWD_OVERLAP: backward.cu runs it beside the sm_90a sequence pass). */
-cudaError_t bw_launch_tdc_persistent(const bw_params *bp, int sms, cudaStream_t stream);
 
 #endif /* MODA_CUDA_BACKWARD_COMMON_CUH */

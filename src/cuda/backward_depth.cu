@@ -300,14 +300,14 @@ static __device__ __forceinline__ void bw_tdc_flush(const bw_params &p, const bw
     }
 }
 
-/* The depth backward of one (token, KV head) th by one warp, in the warp's WARP_ELEMS of shared memory.
- * RED: dQacc += the rows' depth part (fp32 red.global.add into a zeroed dqacc, for a sequence pass that runs
- * concurrently; non-deterministic) instead of dQacc = it (the sequence pass adds on top afterwards). */
-template <typename E, int D, bool RED>
-static __device__ __forceinline__ void bw_tdc_token(const bw_params &p, int64_t th, int warp, int lane) {
+template <typename E, int D>
+__global__ void __launch_bounds__(bw_tdc_traits<D>::WARPS * 32, 3) bw_tdc_kernel(bw_params p) {
     typedef bw_tdc_traits<D> TR;
     constexpr int TILE = TR::TILE, CPR = D / 8;
     extern __shared__ __align__(128) unsigned char bw_tdc_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t th = (int64_t)blockIdx.x * TR::WARPS + warp;
+    if (th >= p.B * p.T * p.Hk) return; /* whole warps only; no block-wide barrier below */
     const int64_t h = th % p.Hk, t = (th / p.Hk) % p.T, b = th / (p.Hk * p.T);
     const int G = (int)p.G;
     E *qs = (E *)bw_tdc_smem + (size_t)warp * TR::WARP_ELEMS, *os = qs + 8 * D, *stages = os + 8 * D;
@@ -423,43 +423,8 @@ static __device__ __forceinline__ void bw_tdc_token(const bw_params &p, int64_t 
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int g = g0 + (i & 1), dim = 16 * m + r + 8 * (i >> 1);
-            if (g < G) {
-                float *dst = p.dqacc + bw_row(p, b, t, h, g) * D + dim;
-                if (RED)
-                    atomicAdd(dst, dqt[m][i] * p.scale);
-                else
-                    *dst = dqt[m][i] * p.scale;
-            }
+            if (g < G) p.dqacc[bw_row(p, b, t, h, g) * D + dim] = dqt[m][i] * p.scale;
         }
-}
-
-template <typename E, int D>
-__global__ void __launch_bounds__(bw_tdc_traits<D>::WARPS * 32, 3) bw_tdc_kernel(bw_params p) {
-    typedef bw_tdc_traits<D> TR;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t th = (int64_t)blockIdx.x * TR::WARPS + warp;
-    if (th >= p.B * p.T * p.Hk) return; /* whole warps only; no block-wide barrier below */
-    bw_tdc_token<E, D, false>(p, th, warp, lane);
-}
-
-/* The same stage as a persistent kernel for running beside the sequence pass (MODA_CUDA_BWD_OVERLAP): one CTA
- * of 216 KB per SM (12 warps at d = 64, 6 at d = 128: the 12 warps per SM of bw_tdc_kernel's 3 CTAs), so a
- * grid of n CTAs occupies n SMs and leaves the others to the sequence kernel (one CTA per SM, all registers),
- * which then cannot share an SM with it. Each warp walks (token, head) pairs with a grid stride. */
-template <int D> struct bw_tdc_wide {
-    static constexpr int WARPS = 3 * bw_tdc_traits<D>::WARPS;
-    static constexpr size_t SMEM = (size_t)WARPS * bw_tdc_traits<D>::WARP_ELEMS * 2;
-};
-
-template <typename E, int D>
-__global__ void __launch_bounds__(bw_tdc_wide<D>::WARPS * 32, 1) bw_tdc_persistent_kernel(bw_params p) {
-    constexpr int W = bw_tdc_wide<D>::WARPS;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t n = p.B * p.T * p.Hk;
-    for (int64_t th = (int64_t)blockIdx.x * W + warp; th < n; th += (int64_t)gridDim.x * W) {
-        bw_tdc_token<E, D, true>(p, th, warp, lane);
-        __syncwarp(); /* the next pair's copies overwrite this one's tiles */
-    }
 }
 
 int bw_tdw_supported(const moda_problem *p) {
@@ -494,24 +459,6 @@ template <typename E, int D> static cudaError_t bw_run_tdc(const bw_params *bp, 
 
 template <typename E> static cudaError_t bw_run_tdc_e(const bw_params *bp, cudaStream_t st) {
     return bp->d == 64 ? bw_run_tdc<E, 64>(bp, st) : bw_run_tdc<E, 128>(bp, st);
-}
-
-template <typename E, int D> static cudaError_t bw_run_tdc_persistent(const bw_params *bp, int sms, cudaStream_t st) {
-    typedef bw_tdc_wide<D> TW;
-    const cudaError_t e = cudaFuncSetAttribute(bw_tdc_persistent_kernel<E, D>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, (int)TW::SMEM);
-    if (e != cudaSuccess) return e;
-    const int64_t ctas = (bp->B * bp->T * bp->Hk + TW::WARPS - 1) / TW::WARPS;
-    const unsigned grid = (unsigned)(ctas < sms ? ctas : sms);
-    bw_tdc_persistent_kernel<E, D><<<grid, TW::WARPS * 32, TW::SMEM, st>>>(*bp);
-    return cudaGetLastError();
-}
-
-cudaError_t bw_launch_tdc_persistent(const bw_params *bp, int sms, cudaStream_t st) {
-    const int bf = bp->q.dtype == MODA_BF16;
-    if (bp->d == 64)
-        return bf ? bw_run_tdc_persistent<__nv_bfloat16, 64>(bp, sms, st) : bw_run_tdc_persistent<__half, 64>(bp, sms, st);
-    return bf ? bw_run_tdc_persistent<__nv_bfloat16, 128>(bp, sms, st) : bw_run_tdc_persistent<__half, 128>(bp, sms, st);
 }
 
 /* f32 depth gradients (the trainer's accumulation buffers) stay on the warp kernel: there the tensor-core kernel

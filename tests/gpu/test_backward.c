@@ -454,7 +454,7 @@ int main(int argc, char **argv) {
     const int quick = tu_quick();
     const int hopper = hopper_backward_testable();
     int hopper_ran = 0, hopper_cases = 0, dkdv_ran = 0, dkdv_cases = 0, tdc_ran = 0, tdc_cases = 0;
-    int tdc_f32_ran = 0, tdc_f32_cases = 0, overlap_ran = 0, overlap_cases = 0;
+    int tdc_f32_ran = 0, tdc_f32_cases = 0;
     for (int i = 0; i < ncases; i++) {
         const tu_case *c = &grid[i];
         if (quick && i % 3 != 0) continue;
@@ -517,22 +517,6 @@ int main(int argc, char **argv) {
                 check_case(c, MODA_F16, c->Lcap > 0 ? MODA_F32 : MODA_F16, c->Lcap > 0, 0, &r);
                 hopper_ran += !strcmp(moda_testing_cuda_last_backward(), "hopper");
                 hopper_cases += 2;
-                /* the depth stage beside it (MODA_CUDA_BWD_OVERLAP, a draft): on 3 SMs, so that both kernels are
-                 * resident at once even on the small cases; overwrite in bf16, accumulate in f16 and f32 */
-                if (tdc_case) {
-                    setenv("MODA_CUDA_BWD_OVERLAP", "3", 1);
-                    check_case(c, MODA_BF16, MODA_BF16, 0, 0, &r);
-                    overlap_ran += !strcmp(moda_testing_cuda_last_depth_backward(), "tdc-overlap");
-                    check_case(c, MODA_F16, MODA_F16, 1, 0, &r);
-                    overlap_ran += !strcmp(moda_testing_cuda_last_depth_backward(), "tdc-overlap");
-                    /* f32 depth gradients (a trainer's) take it only with the tensor-core stage asked for */
-                    setenv("MODA_CUDA_BWD_TDC_F32", "1", 1);
-                    check_case(c, MODA_BF16, MODA_F32, 1, 0, &r);
-                    overlap_ran += !strcmp(moda_testing_cuda_last_depth_backward(), "tdc-overlap");
-                    unsetenv("MODA_CUDA_BWD_TDC_F32");
-                    overlap_cases += 3;
-                    unsetenv("MODA_CUDA_BWD_OVERLAP");
-                }
                 unsetenv("MODA_CUDA_BWD_HOPPER");
                 /* its dK/dV-only form in the deterministic two-pass path (MODA_CUDA_BWD_HOPPER_DKDV=1, unsplit),
                  * both dtypes, overwrite: check_case also runs it twice and compares bit for bit */
@@ -560,10 +544,6 @@ int main(int argc, char **argv) {
         TU_CHECK(hopper_ran == hopper_cases, "the sm_90a backward ran %d of %d cases that asked for it", hopper_ran,
                  hopper_cases);
         /* every case asked for is f16/bf16, d = dv in {64, 128}, unsplit: each must have taken the dK/dV form */
-        printf("gpu_test_backward: the depth stage beside the sm_90a pass ran %d of %d cases\n", overlap_ran,
-               overlap_cases);
-        TU_CHECK(overlap_cases > 0 && overlap_ran == overlap_cases,
-                 "the depth stage beside the sm_90a pass ran %d of %d cases that asked for it", overlap_ran, overlap_cases);
         printf("gpu_test_backward: the sm_90a dK/dV pass ran %d of %d deterministic cases\n", dkdv_ran, dkdv_cases);
         TU_CHECK(dkdv_ran == dkdv_cases, "the sm_90a dK/dV pass ran %d of %d cases that asked for it", dkdv_ran,
                  dkdv_cases);
@@ -582,12 +562,6 @@ int main(int argc, char **argv) {
             sampled_check(&s5, MODA_BF16, 0, &r);
             TU_CHECK(!strcmp(moda_testing_cuda_last_backward(), "hopper"), "the S5-like sampled case did not run the sm_90a backward (%s)",
                      moda_testing_cuda_last_backward());
-            setenv("MODA_CUDA_BWD_OVERLAP", "16", 1); /* the draft's depth stage beside it, at a benchmark size */
-            sampled_check(&s5, MODA_BF16, 0, &r);
-            TU_CHECK(!strcmp(moda_testing_cuda_last_depth_backward(), "tdc-overlap"),
-                     "the S5-like sampled case did not run the depth stage beside the sm_90a pass (%s)",
-                     moda_testing_cuda_last_depth_backward());
-            unsetenv("MODA_CUDA_BWD_OVERLAP");
             unsetenv("MODA_CUDA_BWD_HOPPER");
             /* deterministic, dK/dV by the sm_90a kernel's dK/dV-only form */
             setenv("MODA_CUDA_BWD_HOPPER_DKDV", "1", 1);
