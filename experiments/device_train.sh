@@ -44,7 +44,7 @@ if has parity; then
     grep -E "gradients|train |checkpoint|FAIL|passed|failed" "$OUT/parity.log" | head -40 | tee -a "$summary"
     # the row kernels alone against a float64 reference, at the speed configurations' widths
     t=$(date +%s)
-    timeout 60 "$BUILD/gpu_test_model_kernels" > "$OUT/model_kernels.log" 2>&1
+    timeout 120 "$BUILD/gpu_test_model_kernels" > "$OUT/model_kernels.log" 2>&1
     rc=$?
     echo "row-kernel test: rc=$rc ($(( $(date +%s) - t )) s)" | tee -a "$summary"
     grep -E "FAIL|cases|passed|failed" "$OUT/model_kernels.log" | head -20 | tee -a "$summary"
