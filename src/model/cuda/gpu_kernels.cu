@@ -733,6 +733,23 @@ static int rows_per_chunk(int64_t M, int64_t nchunk, int64_t *used) {
     return (int)rpc;
 }
 
+/* Chunks of rows for the backward row kernels: no more than fit on the GPU at once (SMs x resident CTAs of the
+ * kernel), so that they run in one wave. With the trainer's 512 chunks and 3 CTAs per SM (396 on an H100) a
+ * second wave of 116 CTAs took as long as the first: the kernels are latency-bound, each warp walking its rows
+ * one after another (session 6 profile). The weight gradient's summation order then depends on the GPU's SM
+ * count; on one GPU it stays the same run to run. */
+static int64_t one_wave_chunks(const void *kernel, size_t smem, int64_t nchunk) {
+    int dev = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, smem) != cudaSuccess || sms <= 0 ||
+        per_sm <= 0) {
+        (void)cudaGetLastError(); /* a failed query must not read as the next launch's error */
+        return nchunk;
+    }
+    const int64_t slots = (int64_t)sms * per_sm;
+    return slots < nchunk ? slots : nchunk;
+}
+
 int mg_rmsnorm_fwd(int64_t M, int64_t D, const moda_bf16_t *a, int64_t lda, const moda_bf16_t *b, moda_bf16_t *sum,
                    const float *w, moda_bf16_t *y, int64_t ldy, float *rstd, void *stream) {
     const int mu = units_per_lane(D);
@@ -759,12 +776,14 @@ int mg_rmsnorm_bwd(int64_t M, int64_t D, const moda_bf16_t *x, int64_t ldx, cons
         if (e) return e;
         return mg_rmsnorm_bwd_dx(M, D, x, ldx, w, rstd, dy, ldy, dx32, accumulate, dx16, ldh, stream);
     }
-    int64_t used;
-    const int64_t rpc = rows_per_chunk(M, nchunk, &used);
+    int64_t used = 0;
     const size_t smem = (size_t)8 * D * sizeof(float);
 #define BWD(U)                                                                                                     \
-    k_rmsnorm_bwd_v<U><<<(unsigned)used, 256, smem, st>>>(M, (int)D, x, ldx, w, rstd, dy, ldy, dx32, accumulate, dx16, \
-                                                         ldh, partial, rpc)
+    do {                                                                                                           \
+        const int64_t rpc_ = rows_per_chunk(M, one_wave_chunks((const void *)k_rmsnorm_bwd_v<U>, smem, nchunk), &used); \
+        k_rmsnorm_bwd_v<U><<<(unsigned)used, 256, smem, st>>>(M, (int)D, x, ldx, w, rstd, dy, ldy, dx32, accumulate,   \
+                                                             dx16, ldh, partial, rpc_);                            \
+    } while (0)
     UNITS_DISPATCH(mu, BWD);
 #undef BWD
     int e = launched();
@@ -820,12 +839,14 @@ int mg_qk_bwd(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda
         if (!e) e = mg_rmsnorm_bwd_dx(M, W, x, W, w, rstd, scratch32, W, NULL, 0, out16, ld_out, stream);
         return e;
     }
-    int64_t used;
-    const int64_t rpc = rows_per_chunk(M, nchunk, &used);
+    int64_t used = 0;
     const size_t smem = w ? (size_t)8 * W * sizeof(float) : 0;
 #define QB(U)                                                                                                      \
-    k_qk_bwd_v<U><<<(unsigned)used, 256, smem, st>>>(M, T, (int)H, (int)d, rotate, in16, ld_in, add32, ld_add, x, w, rstd, \
-                                                     out16, ld_out, partial, rpc, cosv, sinv)
+    do {                                                                                                           \
+        const int64_t rpc_ = rows_per_chunk(M, one_wave_chunks((const void *)k_qk_bwd_v<U>, smem, nchunk), &used);  \
+        k_qk_bwd_v<U><<<(unsigned)used, 256, smem, st>>>(M, T, (int)H, (int)d, rotate, in16, ld_in, add32, ld_add, x, w,  \
+                                                         rstd, out16, ld_out, partial, rpc_, cosv, sinv);          \
+    } while (0)
     if (mu == 1) QB(1);
     else if (mu == 2) QB(2);
     else if (mu == 3) QB(3);
