@@ -208,7 +208,7 @@ __global__ void k_rope_fwd(int64_t M, int64_t T, int64_t H, int64_t d, moda_bf16
 
 __global__ void k_grad_combine(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda_bf16_t *in16,
                                int64_t ld_in, const float *add32, int64_t ld_add, float *out32, moda_bf16_t *out16,
-                               int64_t ld_o16, const float *cosv, const float *sinv) {
+                               int64_t ld_out16, const float *cosv, const float *sinv) {
     const int64_t h2 = d / 2, per_row = H * h2, w = H * d;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < M * per_row;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -234,8 +234,8 @@ __global__ void k_grad_combine(int64_t M, int64_t T, int64_t H, int64_t d, int r
             out32[r * w + c1] = b;
         }
         if (out16) {
-            out16[r * ld_o16 + c0] = to16(a);
-            out16[r * ld_o16 + c1] = to16(b);
+            out16[r * ld_out16 + c0] = to16(a);
+            out16[r * ld_out16 + c1] = to16(b);
         }
     }
 }
@@ -247,10 +247,10 @@ int mg_rope_fwd(int64_t M, int64_t T, int64_t H, int64_t d, moda_bf16_t *x, int6
 }
 
 int mg_grad_combine(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda_bf16_t *in16, int64_t ld_in,
-                    const float *add32, int64_t ld_add, float *out32, moda_bf16_t *out16, const float *cosv,
-                    const float *sinv, void *stream) {
+                    const float *add32, int64_t ld_add, float *out32, moda_bf16_t *out16, int64_t ld_out16,
+                    const float *cosv, const float *sinv, void *stream) {
     k_grad_combine<<<blocks_for(M * H * (d / 2), 256), 256, 0, (cudaStream_t)stream>>>(
-        M, T, H, d, rotate, in16, ld_in, add32, ld_add, out32, out16, H * d, cosv, sinv);
+        M, T, H, d, rotate, in16, ld_in, add32, ld_add, out32, out16, ld_out16, cosv, sinv);
     return launched();
 }
 
@@ -306,13 +306,15 @@ int mg_elem_legacy(void) { return elem_legacy(); }
 
 static int aligned(const void *p, unsigned bytes) { return ((uintptr_t)p & (uintptr_t)(bytes - 1)) == 0; }
 
-static __device__ __forceinline__ void ld4h(const moda_bf16_t *p, float f[4]) {
-    const uint2 u = *(const uint2 *)p;
+/* bf16 x 4: loaded packed (2 registers, as the backward row kernels keep x until used), unpacked to float */
+static __device__ __forceinline__ uint2 ld4h_raw(const moda_bf16_t *p) { return *(const uint2 *)p; }
+static __device__ __forceinline__ void unpack4h(uint2 u, float f[4]) {
     f[0] = __uint_as_float(u.x << 16);
     f[1] = __uint_as_float(u.x & 0xffff0000u);
     f[2] = __uint_as_float(u.y << 16);
     f[3] = __uint_as_float(u.y & 0xffff0000u);
 }
+static __device__ __forceinline__ void ld4h(const moda_bf16_t *p, float f[4]) { unpack4h(ld4h_raw(p), f); }
 static __device__ __forceinline__ void st4h(moda_bf16_t *p, const float f[4]) {
     uint2 u;
     u.x = (uint32_t)to16(f[0]) | ((uint32_t)to16(f[1]) << 16);
@@ -393,15 +395,6 @@ static __device__ __forceinline__ void dw_chunk_store(int D, const float *sh, fl
         for (int k = 0; k < (int)(blockDim.x >> 5); k++) t += sh[k * D + j];
         partial[c * D + j] = t;
     }
-}
-
-/* bf16 x 4 kept packed (2 registers instead of 4) until used */
-static __device__ __forceinline__ uint2 ld4h_raw(const moda_bf16_t *p) { return *(const uint2 *)p; }
-static __device__ __forceinline__ void unpack4h(uint2 u, float f[4]) {
-    f[0] = __uint_as_float(u.x << 16);
-    f[1] = __uint_as_float(u.x & 0xffff0000u);
-    f[2] = __uint_as_float(u.y << 16);
-    f[3] = __uint_as_float(u.y & 0xffff0000u);
 }
 
 /* The norm's backward on a row held in registers (NU units of 4 columns per lane, cols < 0: not this lane's;
@@ -829,12 +822,10 @@ int mg_qk_bwd(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda
     cudaStream_t st = (cudaStream_t)stream;
     if (elem_legacy() || !mu || ld_in % 4 || ld_add % 4 || ld_out % 4 || !aligned(in16, 8) || !aligned(add32, 16) ||
         !aligned(x, 8) || !aligned(w, 16) || !aligned(out16, 8) || !aligned(cosv, 16) || !aligned(sinv, 16)) {
-        if (!w) { /* out16 at its own row stride (mg_grad_combine writes dense rows) */
-            k_grad_combine<<<blocks_for(M * H * (d / 2), 256), 256, 0, st>>>(M, T, H, d, rotate, in16, ld_in, add32,
-                                                                             ld_add, NULL, out16, ld_out, cosv, sinv);
-            return launched();
-        }
-        int e = mg_grad_combine(M, T, H, d, rotate, in16, ld_in, add32, ld_add, scratch32, NULL, cosv, sinv, stream);
+        if (!w)
+            return mg_grad_combine(M, T, H, d, rotate, in16, ld_in, add32, ld_add, NULL, out16, ld_out, cosv, sinv,
+                                   stream);
+        int e = mg_grad_combine(M, T, H, d, rotate, in16, ld_in, add32, ld_add, scratch32, NULL, W, cosv, sinv, stream);
         if (!e) e = mg_rmsnorm_bwd_dw(M, W, x, W, rstd, scratch32, W, partial, nchunk, dw, stream);
         if (!e) e = mg_rmsnorm_bwd_dx(M, W, x, W, w, rstd, scratch32, W, NULL, 0, out16, ld_out, stream);
         return e;

@@ -63,11 +63,11 @@ int mg_elem_legacy(void);
 /* RoPE in place on M rows of H heads of d (row stride ld), pairs (i, i + d/2), row r at position r % T */
 int mg_rope_fwd(int64_t M, int64_t T, int64_t H, int64_t d, moda_bf16_t *x, int64_t ld, const float *cosv,
                 const float *sinv, void *stream);
-/* g = (in16 ? in16 : 0) + (add32 ? add32 : 0); with rotate, the inverse rotation of g; written to out32
- * and/or out16 (dense rows of H*d). */
+/* g = (in16 ? in16 : 0) + (add32 ? add32 : 0); with rotate, the inverse rotation of g; written to out32 (dense
+ * rows of H*d) and/or out16 (rows of stride ld_out16; in place over in16 allowed with ld_out16 == ld_in). */
 int mg_grad_combine(int64_t M, int64_t T, int64_t H, int64_t d, int rotate, const moda_bf16_t *in16, int64_t ld_in,
-                    const float *add32, int64_t ld_add, float *out32, moda_bf16_t *out16, const float *cosv,
-                    const float *sinv, void *stream);
+                    const float *add32, int64_t ld_add, float *out32, moda_bf16_t *out16, int64_t ld_out16,
+                    const float *cosv, const float *sinv, void *stream);
 
 int mg_swiglu_fwd(int64_t n, const moda_bf16_t *h1, const moda_bf16_t *h3, moda_bf16_t *g, void *stream);
 int mg_swiglu_bwd(int64_t n, const moda_bf16_t *h1, const moda_bf16_t *h3, const moda_bf16_t *dg, moda_bf16_t *dh1,
