@@ -130,7 +130,8 @@ if has variants; then
     }
     names="base"
     build_variant base "" &
-    for v in $VARIANTS; do build_variant "${v%%=*}" "${v#*=}" & names="$names ${v%%=*}"; done
+    # a '+' in FLAGS stands for a space (VARIANTS is split on spaces): both=-DA=1+-DB=1
+    for v in $VARIANTS; do build_variant "${v%%=*}" "$(echo "${v#*=}" | tr '+' ' ')" & names="$names ${v%%=*}"; done
     wait
     : > "$OUT/variants.txt"
     for n in $names base; do

@@ -44,6 +44,20 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
+/* Variants for a same-run A/B (off by default until timed):
+ * MODA_HOPPER_DEPTH_BORROW: d = 64 runs its depth part before the sequence loop, while the ring's later stages wait
+ * for tiles the consumers will not read for a long time. The depth part borrows stages 2 .. STAGES-1 as two more
+ * depth buffers per warp (4 sub-tiles in flight instead of 2), and the producer fills those stages only after every
+ * consumer warp has signalled the end of its depth part on one more mbarrier. The first depth loads are issued
+ * before the wait for Q. MODA_HOPPER_DEPTH_QREG: the warp's Q fragments stay in registers through the depth part
+ * (d = 64) instead of an ldmatrix per k-step and sub-tile. */
+#ifndef MODA_HOPPER_DEPTH_BORROW
+#define MODA_HOPPER_DEPTH_BORROW 0
+#endif
+#ifndef MODA_HOPPER_DEPTH_QREG
+#define MODA_HOPPER_DEPTH_QREG 0
+#endif
+
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -51,6 +65,14 @@ template <int D_> struct hop_traits {
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
+    /* borrowed ring stages (d = 64, depth part before the sequence loop): stages 2 .. STAGES-1 */
+    static constexpr bool BORROW = MODA_HOPPER_DEPTH_BORROW && STAGES >= 3;
+    static constexpr int DBX = BORROW ? DB + (STAGES - 2) * 2 * (HOP_BN * D * 2) / (8 * 2 * HOP_DK * D * 2) : DB;
+    static constexpr bool QREG = MODA_HOPPER_DEPTH_QREG && STAGES >= 3;
+    static_assert(!BORROW || (STAGES - 2) * 2 * (HOP_BN * D * 2) % (8 * 2 * HOP_DK * D * 2) == 0,
+                  "the borrowed stages hold a whole number of depth buffers per warp");
+    static_assert(DBX == DB || BORROW, "extra depth buffers only in borrowed stages");
+    static_assert(!QREG || STAGES >= 3, "Q fragments in registers only where the depth part runs first");
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
@@ -235,12 +257,23 @@ __device__ __forceinline__ void hop_pack_p(uint32_t (&pf)[NB / 2][4], const floa
     for (int kk = 0; kk < NB / 2; kk++) hop_pack_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
 }
 
+/* BORROW: depth buffer buf of consumer warp cw: the DB warp-private ones, then DBX - DB in the borrowed ring stages
+ * (2 .. STAGES-1, each warp its own slice). */
+template <typename T, int D>
+__device__ __forceinline__ T *hop_depth_buf(T *sD, unsigned char *ring, int cw, int buf) {
+    typedef hop_traits<D> TR;
+    if (buf >= TR::DB)
+        return reinterpret_cast<T *>(ring + (size_t)2 * 2 * TR::TILE_BYTES) +
+               ((size_t)cw * (TR::DBX - TR::DB) + (buf - TR::DB)) * 2 * TR::DK * D;
+    return sD + buf * 2 * TR::DK * D;
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char *base, uint32_t bar_full,
-                                             uint32_t bar_empty, int cwg, int ntiles, int64_t b, int64_t h, int R0,
-                                             int jend) {
+                                             uint32_t bar_empty, uint32_t bar_depth, int cwg, int ntiles, int64_t b,
+                                             int64_t h, int R0, int jend) {
     typedef hop_traits<D> TR;
-    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = TR::DK, CH = D / 8;
+    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DBX = TR::DBX, DK = TR::DK, CH = D / 8;
     const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
     const int cw = cwg * 4 + ww; /* consumer warp 0..7 */
     T *sQ = reinterpret_cast<T *>(base);
@@ -265,10 +298,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                             ok);
         }
         moda_cp_async_commit();
-        moda_cp_async_wait<0>();
-        /* the wgmma reads Q through the async proxy */
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
+        if constexpr (!TR::BORROW) {
+            moda_cp_async_wait<0>();
+            /* the wgmma reads Q through the async proxy */
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
+        }
     }
 
     float o[NH][8][4];
@@ -329,7 +364,9 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         }
     };
     auto load_depth = [&](int it, int buf) {
-        T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
+        T *dk = sD + buf * 2 * DK * D;
+        if constexpr (TR::BORROW) dk = hop_depth_buf<T, D>(sD, ring, cw, buf);
+        T *dv = dk + DK * D;
         const int q0 = ldq, r0 = ldr;
         adv(ldq, ldr, dkq, dkr);
         int eq = lq0, er = lr0; /* (q, r) of this lane's row rl */
@@ -352,10 +389,13 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         }
     };
     /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
+    uint32_t qreg[TR::QREG ? D / 16 : 1][4]; /* QREG: the warp's Q A fragments, loaded once */
     auto depth_step = [&](int it) {
-        moda_cp_async_wait<DB - 1>();
+        moda_cp_async_wait<DBX - 1>();
         __syncwarp();
-        const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
+        const T *dk = sD + (it % DB) * 2 * DK * D;
+        if constexpr (TR::BORROW) dk = hop_depth_buf<T, D>(sD, ring, cw, it % DBX);
+        const T *dv = dk + DK * D;
         const int kx0 = it * DK;
         const int q0 = stq, r0 = str;
         adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
@@ -374,7 +414,10 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             for (int kk = 0; kk < D / 16; kk++) {
                 /* Q's A fragment of the warp's 16 rows (mma.sync layout) from the swizzled Q tile */
                 uint32_t qf[4];
-                {
+                if constexpr (TR::QREG) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) qf[e] = qreg[kk][e];
+                } else {
                     const int r = 64 * cwg + 16 * ww + (lane & 15);
                     const int col = (kk & 3) * 16 + (lane >> 4) * 8;
                     moda_ldmatrix_x4(qf, moda_smem_addr(sQ + (kk >> 2) * HOP_BM * 64 + hswz<64>(r, col)));
@@ -425,20 +468,46 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
         }
         __syncwarp(); /* every lane has read the buffer before it is refilled */
-        const int nx = it + DB;
-        if (nx < nd) load_depth(nx, nx % DB);
+        const int nx = it + DBX;
+        if (nx < nd) load_depth(nx, nx % DBX);
         moda_cp_async_commit();
     };
 #pragma unroll
-    for (int i = 0; i < DB; i++) {
+    for (int i = 0; i < DBX; i++) {
         if (i < nd) load_depth(i, i);
         moda_cp_async_commit();
+    }
+    if constexpr (TR::BORROW) {
+        /* Q's group was committed before the DBX depth groups: waiting for all but those completes it */
+        moda_cp_async_wait<DBX>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
+    }
+    if constexpr (TR::QREG) {
+        if (nd > 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const int r = 64 * cwg + 16 * ww + (lane & 15);
+                const int col = (kk & 3) * 16 + (lane >> 4) * 8;
+                moda_ldmatrix_x4(qreg[kk], moda_smem_addr(sQ + (kk >> 2) * HOP_BM * 64 + hswz<64>(r, col)));
+            }
+        }
     }
     int dnext = 0;
     /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3 */
     constexpr bool OVL = STAGES >= 3;
     if constexpr (OVL)
         while (dnext < nd) depth_step(dnext++);
+    if constexpr (TR::BORROW) {
+        /* the borrowed stages go back to the producer: every cp.async into them has landed and every read of them
+         * has returned (its values fed the mma.sync above); then the TMA (async proxy) may overwrite them */
+        if (L > 0) {
+            moda_cp_async_wait<0>();
+            __syncwarp();
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            if (lane == 0) moda_mbar_arrive(bar_depth);
+        }
+    }
 
     /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
     const int tg1 = min(Rg0 + 63, NR - 1) / G;
@@ -588,11 +657,12 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef hop_traits<D> TR;
     constexpr int STAGES = TR::STAGES, NH = TR::NH;
-    __shared__ __align__(8) uint64_t bars[2 * STAGES];
+    __shared__ __align__(8) uint64_t bars[2 * STAGES + (TR::BORROW ? 1 : 0)]; /* full, empty, depth done (BORROW) */
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
-    const uint32_t bar_full = moda_smem_addr(&bars[0]), bar_empty = moda_smem_addr(&bars[STAGES]);
+    const uint32_t bar_full = moda_smem_addr(&bars[0]), bar_empty = moda_smem_addr(&bars[STAGES]),
+                   bar_depth = TR::BORROW ? moda_smem_addr(&bars[2 * STAGES]) : 0u;
 
     const int64_t bid = blockIdx.x;
     const int rb = (int)(p.nrb - 1 - bid % p.nrb); /* heaviest (latest) row blocks first */
@@ -603,7 +673,10 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
     const int jend = p.sequence ? (p.causal ? Rlast / p.G + 1 : p.T) : 0;
     const int ntiles = (jend + HOP_BN - 1) / HOP_BN;
 
-    if (threadIdx.x == 0) moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
+    if (threadIdx.x == 0) {
+        if (TR::BORROW) moda_mbar_init(bar_depth, 8); /* one arrival per consumer warp */
+        moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
+    }
     __syncthreads();
 
     const int wg = threadIdx.x >> 7;
@@ -614,6 +687,8 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
             for (int it = 0; it < ntiles; it++) {
                 const int stg = it % STAGES;
                 moda_mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / STAGES) & 1) ^ 1));
+                /* the first fill of a borrowed stage waits for the consumers' depth parts */
+                if (TR::BORROW && p.L > 0 && it == 2) moda_mbar_wait(bar_depth, 0);
                 moda_mbar_expect_tx(bar_full + 8 * stg, 2 * TR::TILE_BYTES);
                 int c[3];
 #pragma unroll
@@ -629,7 +704,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-        hop_consumer<T, D>(p, base, bar_full, bar_empty, wg - 1, ntiles, b, h, R0, jend);
+        hop_consumer<T, D>(p, base, bar_full, bar_empty, bar_depth, wg - 1, ntiles, b, h, R0, jend);
     }
 #endif
 }
