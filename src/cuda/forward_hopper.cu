@@ -44,18 +44,13 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* Variants for a same-run A/B (off by default until timed):
- * MODA_HOPPER_DEPTH_BORROW: d = 64 runs its depth part before the sequence loop, while the ring's later stages wait
- * for tiles the consumers will not read for a long time. The depth part borrows stages 2 .. STAGES-1 as two more
- * depth buffers per warp (4 sub-tiles in flight instead of 2), and the producer fills those stages only after every
- * consumer warp has signalled the end of its depth part on one more mbarrier. The first depth loads are issued
- * before the wait for Q. MODA_HOPPER_DEPTH_QREG: the warp's Q fragments stay in registers through the depth part
- * (d = 64) instead of an ldmatrix per k-step and sub-tile. */
-#ifndef MODA_HOPPER_DEPTH_BORROW
-#define MODA_HOPPER_DEPTH_BORROW 0
-#endif
-#ifndef MODA_HOPPER_DEPTH_QREG
-#define MODA_HOPPER_DEPTH_QREG 0
+/* MODA_HOPPER_DEPTH_PRODUCER (off by default until timed against the shipped code in one call): at d = 64 the
+ * producer warpgroup's three idle warps load the consumer warps' depth sub-tiles (cp.async completing on one
+ * mbarrier per buffer, released by the consumer warp on another), so the consumers' depth part keeps only the
+ * products, the mask and the softmax on its instruction stream. Producer warp w serves consumer warps w, w + 3,
+ * w + 6, one sub-tile of each in turn. */
+#ifndef MODA_HOPPER_DEPTH_PRODUCER
+#define MODA_HOPPER_DEPTH_PRODUCER 0
 #endif
 
 template <int D_> struct hop_traits {
@@ -65,14 +60,9 @@ template <int D_> struct hop_traits {
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
-    /* borrowed ring stages (d = 64, depth part before the sequence loop): stages 2 .. STAGES-1 */
-    static constexpr bool BORROW = MODA_HOPPER_DEPTH_BORROW && STAGES >= 3;
-    static constexpr int DBX = BORROW ? DB + (STAGES - 2) * 2 * (HOP_BN * D * 2) / (8 * 2 * HOP_DK * D * 2) : DB;
-    static constexpr bool QREG = MODA_HOPPER_DEPTH_QREG && STAGES >= 3;
-    static_assert(!BORROW || (STAGES - 2) * 2 * (HOP_BN * D * 2) % (8 * 2 * HOP_DK * D * 2) == 0,
-                  "the borrowed stages hold a whole number of depth buffers per warp");
-    static_assert(DBX == DB || BORROW, "extra depth buffers only in borrowed stages");
-    static_assert(!QREG || STAGES >= 3, "Q fragments in registers only where the depth part runs first");
+    static constexpr bool DPROD = MODA_HOPPER_DEPTH_PRODUCER && STAGES >= 3; /* depth loads by the producer */
+    static constexpr int NDBAR = DPROD ? 2 * 8 * DB : 0;    /* per consumer warp and buffer: full, empty */
+    static_assert(NDBAR == 0 || DPROD, "depth-buffer barriers only with the depth producer");
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
@@ -257,23 +247,83 @@ __device__ __forceinline__ void hop_pack_p(uint32_t (&pf)[NB / 2][4], const floa
     for (int kk = 0; kk < NB / 2; kk++) hop_pack_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
 }
 
-/* BORROW: depth buffer buf of consumer warp cw: the DB warp-private ones, then DBX - DB in the borrowed ring stages
- * (2 .. STAGES-1, each warp its own slice). */
-template <typename T, int D>
-__device__ __forceinline__ T *hop_depth_buf(T *sD, unsigned char *ring, int cw, int buf) {
-    typedef hop_traits<D> TR;
-    if (buf >= TR::DB)
-        return reinterpret_cast<T *>(ring + (size_t)2 * 2 * TR::TILE_BYTES) +
-               ((size_t)cw * (TR::DBX - TR::DB) + (buf - TR::DB)) * 2 * TR::DK * D;
-    return sD + buf * 2 * TR::DK * D;
+/* DPROD: depth-buffer mbarriers of consumer warp cw, buffer buf: "full" (32 cp.async arrivals of the loading
+ * producer warp), then "empty" (one arrival of the consumer warp). */
+__device__ __forceinline__ uint32_t hop_dfull(uint32_t bar_dep, int cw, int buf, int db) {
+    return bar_dep + 8 * (2 * (cw * db + buf));
 }
+__device__ __forceinline__ uint32_t hop_dempty(uint32_t bar_dep, int cw, int buf, int db) {
+    return bar_dep + 8 * (2 * (cw * db + buf) + 1);
+}
+#if MODA_HOPPER_DEPTH_PRODUCER
+/* The depth list of consumer warp cw (its 16 rows' tokens x the visible slots, token-major): first token u0,
+ * key count; 0 keys for a warp past the last row or without depth. The consumer computes the same. */
+__device__ __forceinline__ void hop_depth_list(const hop_params &p, int Rw0, int &u0, int &nkeys) {
+    u0 = 0;
+    nkeys = 0;
+    if (p.L > 0 && Rw0 < p.NR) {
+        const int wt0 = Rw0 / p.G, wt1 = min(Rw0 + 15, p.NR - 1) / p.G;
+        u0 = hrow_lo(wt0, p.chunk, p.C);
+        nkeys = (wt1 - u0 + 1) * p.L;
+    }
+}
+/* DPROD: producer warp pw (0..2) streams the depth sub-tiles of consumer warps pw, pw + 3, pw + 6 into their
+ * DB buffers, one sub-tile of each in turn; key k of a list is (token u0 + k / L, slot d0 + k % L) (divisions:
+ * this warp has issue slots to spare). */
+template <typename T, int D>
+__device__ __forceinline__ void hop_depth_producer(const hop_params &p, unsigned char *base, uint32_t bar_dep, int pw,
+                                                   int64_t b, int64_t h, int R0) {
+    typedef hop_traits<D> TR;
+    constexpr int DB = TR::DB, DK = TR::DK, CH = D / 8;
+    const int lane = threadIdx.x & 31, L = p.L;
+    T *sD0 = reinterpret_cast<T *>(base + TR::Q_BYTES + (size_t)TR::STAGES * 2 * TR::TILE_BYTES);
+    const T *kdb = reinterpret_cast<const T *>(p.kd) + b * p.kds[0] + h * p.kds[3];
+    const T *vdb = reinterpret_cast<const T *>(p.vd) + b * p.vds[0] + h * p.vds[3];
+    /* the longest of the served lists (registers are scarce here: each list is recomputed when visited) */
+    int ndmax = 0;
+    for (int cw = pw; cw < 8; cw += 3) {
+        int u0, nkeys;
+        hop_depth_list(p, R0 + 16 * cw, u0, nkeys);
+        ndmax = max(ndmax, nkeys);
+    }
+    for (int it = 0; it * DK < ndmax; it++) {
+        const int buf = it % DB;
+        for (int cw = pw; cw < 8; cw += 3) {
+            int u0, nkeys;
+            hop_depth_list(p, R0 + 16 * cw, u0, nkeys);
+            if (it * DK >= nkeys) continue;
+            moda_mbar_wait(hop_dempty(bar_dep, cw, buf, DB), (uint32_t)(((it / DB) & 1) ^ 1));
+            T *dk = sD0 + (size_t)(cw * DB + buf) * 2 * DK * D, *dv = dk + DK * D;
+#pragma unroll 1
+            for (int ci = 0; ci < DK * CH / 32; ci++) {
+                const int c = lane + ci * 32;
+                const int rl = c / CH, cc = c % CH;
+                const int kx = it * DK + rl;
+                const bool ok = kx < nkeys;
+                const T *ks = kdb, *vs = vdb;
+                if (ok) {
+                    const int q = kx / L;
+                    const int64_t tok = u0 + q, slot = p.d0 + (kx - q * L);
+                    ks = kdb + tok * p.kds[1] + slot * p.kds[2] + cc * 8;
+                    vs = vdb + tok * p.vds[1] + slot * p.vds[2] + cc * 8;
+                }
+                moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
+                moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
+            }
+            /* the full barrier completes when all 32 lanes' copies have landed */
+            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(hop_dfull(bar_dep, cw, buf, DB))
+                         : "memory");
+        }
+    }
+}
+#endif
 
 template <typename T, int D>
 __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char *base, uint32_t bar_full,
-                                             uint32_t bar_empty, uint32_t bar_depth, int cwg, int ntiles, int64_t b,
+                                             uint32_t bar_empty, uint32_t bar_dep, int cwg, int ntiles, int64_t b,
                                              int64_t h, int R0, int jend) {
     typedef hop_traits<D> TR;
-    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DBX = TR::DBX, DK = TR::DK, CH = D / 8;
+    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = TR::DK, CH = D / 8;
     const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
     const int cw = cwg * 4 + ww; /* consumer warp 0..7 */
     T *sQ = reinterpret_cast<T *>(base);
@@ -298,12 +348,10 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                             ok);
         }
         moda_cp_async_commit();
-        if constexpr (!TR::BORROW) {
-            moda_cp_async_wait<0>();
-            /* the wgmma reads Q through the async proxy */
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
-        }
+        moda_cp_async_wait<0>();
+        /* the wgmma reads Q through the async proxy */
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
     }
 
     float o[NH][8][4];
@@ -364,9 +412,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         }
     };
     auto load_depth = [&](int it, int buf) {
-        T *dk = sD + buf * 2 * DK * D;
-        if constexpr (TR::BORROW) dk = hop_depth_buf<T, D>(sD, ring, cw, buf);
-        T *dv = dk + DK * D;
+        T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
         const int q0 = ldq, r0 = ldr;
         adv(ldq, ldr, dkq, dkr);
         int eq = lq0, er = lr0; /* (q, r) of this lane's row rl */
@@ -389,13 +435,14 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         }
     };
     /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
-    uint32_t qreg[TR::QREG ? D / 16 : 1][4]; /* QREG: the warp's Q A fragments, loaded once */
     auto depth_step = [&](int it) {
-        moda_cp_async_wait<DBX - 1>();
-        __syncwarp();
-        const T *dk = sD + (it % DB) * 2 * DK * D;
-        if constexpr (TR::BORROW) dk = hop_depth_buf<T, D>(sD, ring, cw, it % DBX);
-        const T *dv = dk + DK * D;
+        if constexpr (TR::DPROD) {
+            moda_mbar_wait(hop_dfull(bar_dep, cw, it % DB, DB), (uint32_t)((it / DB) & 1));
+        } else {
+            moda_cp_async_wait<DB - 1>();
+            __syncwarp();
+        }
+        const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
         const int q0 = stq, r0 = str;
         adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
@@ -414,10 +461,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             for (int kk = 0; kk < D / 16; kk++) {
                 /* Q's A fragment of the warp's 16 rows (mma.sync layout) from the swizzled Q tile */
                 uint32_t qf[4];
-                if constexpr (TR::QREG) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) qf[e] = qreg[kk][e];
-                } else {
+                {
                     const int r = 64 * cwg + 16 * ww + (lane & 15);
                     const int col = (kk & 3) * 16 + (lane >> 4) * 8;
                     moda_ldmatrix_x4(qf, moda_smem_addr(sQ + (kk >> 2) * HOP_BM * 64 + hswz<64>(r, col)));
@@ -468,29 +512,19 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
         }
         __syncwarp(); /* every lane has read the buffer before it is refilled */
-        const int nx = it + DBX;
-        if (nx < nd) load_depth(nx, nx % DBX);
-        moda_cp_async_commit();
+        if constexpr (TR::DPROD) {
+            if (lane == 0) moda_mbar_arrive(hop_dempty(bar_dep, cw, it % DB, DB));
+        } else {
+            const int nx = it + DB;
+            if (nx < nd) load_depth(nx, nx % DB);
+            moda_cp_async_commit();
+        }
     };
+    if constexpr (!TR::DPROD) {
 #pragma unroll
-    for (int i = 0; i < DBX; i++) {
-        if (i < nd) load_depth(i, i);
-        moda_cp_async_commit();
-    }
-    if constexpr (TR::BORROW) {
-        /* Q's group was committed before the DBX depth groups: waiting for all but those completes it */
-        moda_cp_async_wait<DBX>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cwg) : "memory");
-    }
-    if constexpr (TR::QREG) {
-        if (nd > 0) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const int r = 64 * cwg + 16 * ww + (lane & 15);
-                const int col = (kk & 3) * 16 + (lane >> 4) * 8;
-                moda_ldmatrix_x4(qreg[kk], moda_smem_addr(sQ + (kk >> 2) * HOP_BM * 64 + hswz<64>(r, col)));
-            }
+        for (int i = 0; i < DB; i++) {
+            if (i < nd) load_depth(i, i);
+            moda_cp_async_commit();
         }
     }
     int dnext = 0;
@@ -498,16 +532,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     constexpr bool OVL = STAGES >= 3;
     if constexpr (OVL)
         while (dnext < nd) depth_step(dnext++);
-    if constexpr (TR::BORROW) {
-        /* the borrowed stages go back to the producer: every cp.async into them has landed and every read of them
-         * has returned (its values fed the mma.sync above); then the TMA (async proxy) may overwrite them */
-        if (L > 0) {
-            moda_cp_async_wait<0>();
-            __syncwarp();
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            if (lane == 0) moda_mbar_arrive(bar_depth);
-        }
-    }
 
     /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
     const int tg1 = min(Rg0 + 63, NR - 1) / G;
@@ -657,12 +681,12 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef hop_traits<D> TR;
     constexpr int STAGES = TR::STAGES, NH = TR::NH;
-    __shared__ __align__(8) uint64_t bars[2 * STAGES + (TR::BORROW ? 1 : 0)]; /* full, empty, depth done (BORROW) */
+    __shared__ __align__(8) uint64_t bars[2 * STAGES + TR::NDBAR]; /* full, empty; DPROD: the depth buffers' */
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
-    const uint32_t bar_full = moda_smem_addr(&bars[0]), bar_empty = moda_smem_addr(&bars[STAGES]),
-                   bar_depth = TR::BORROW ? moda_smem_addr(&bars[2 * STAGES]) : 0u;
+    const uint32_t bar_full = moda_smem_addr(&bars[0]), bar_empty = moda_smem_addr(&bars[STAGES]);
+    const uint32_t bar_dep = TR::DPROD ? moda_smem_addr(&bars[2 * STAGES]) : 0u;
 
     const int64_t bid = blockIdx.x;
     const int rb = (int)(p.nrb - 1 - bid % p.nrb); /* heaviest (latest) row blocks first */
@@ -674,7 +698,11 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
     const int ntiles = (jend + HOP_BN - 1) / HOP_BN;
 
     if (threadIdx.x == 0) {
-        if (TR::BORROW) moda_mbar_init(bar_depth, 8); /* one arrival per consumer warp */
+        if constexpr (TR::DPROD)
+            for (int i = 0; i < TR::NDBAR / 2; i++) {
+                moda_mbar_init(bar_dep + 16 * i, 32);
+                moda_mbar_init(bar_dep + 16 * i + 8, 1);
+            }
         moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
     }
     __syncthreads();
@@ -687,8 +715,6 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
             for (int it = 0; it < ntiles; it++) {
                 const int stg = it % STAGES;
                 moda_mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / STAGES) & 1) ^ 1));
-                /* the first fill of a borrowed stage waits for the consumers' depth parts */
-                if (TR::BORROW && p.L > 0 && it == 2) moda_mbar_wait(bar_depth, 0);
                 moda_mbar_expect_tx(bar_full + 8 * stg, 2 * TR::TILE_BYTES);
                 int c[3];
 #pragma unroll
@@ -702,9 +728,13 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
                 }
             }
         }
+#if MODA_HOPPER_DEPTH_PRODUCER
+        if constexpr (TR::DPROD)
+            if (threadIdx.x >= 32) hop_depth_producer<T, D>(p, base, bar_dep, (threadIdx.x >> 5) - 1, b, h, R0);
+#endif
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-        hop_consumer<T, D>(p, base, bar_full, bar_empty, bar_depth, wg - 1, ntiles, b, h, R0, jend);
+        hop_consumer<T, D>(p, base, bar_full, bar_empty, bar_dep, wg - 1, ntiles, b, h, R0, jend);
     }
 #endif
 }
