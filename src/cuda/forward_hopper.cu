@@ -44,15 +44,6 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* MODA_HOPPER_DEPTH_PRODUCER (off by default until timed against the shipped code in one call): at d = 64 the
- * producer warpgroup's three idle warps load the consumer warps' depth sub-tiles (cp.async completing on one
- * mbarrier per buffer, released by the consumer warp on another), so the consumers' depth part keeps only the
- * products, the mask and the softmax on its instruction stream. Producer warp w serves consumer warps w, w + 3,
- * w + 6, one sub-tile of each in turn. */
-#ifndef MODA_HOPPER_DEPTH_PRODUCER
-#define MODA_HOPPER_DEPTH_PRODUCER 0
-#endif
-
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -60,9 +51,6 @@ template <int D_> struct hop_traits {
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
-    static constexpr bool DPROD = MODA_HOPPER_DEPTH_PRODUCER && STAGES >= 3; /* depth loads by the producer */
-    static constexpr int NDBAR = DPROD ? 2 * 8 * DB : 0;    /* per consumer warp and buffer: full, empty */
-    static_assert(NDBAR == 0 || DPROD, "depth-buffer barriers only with the depth producer");
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
@@ -247,81 +235,13 @@ __device__ __forceinline__ void hop_pack_p(uint32_t (&pf)[NB / 2][4], const floa
     for (int kk = 0; kk < NB / 2; kk++) hop_pack_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
 }
 
-/* DPROD: depth-buffer mbarriers of consumer warp cw, buffer buf: "full" (32 cp.async arrivals of the loading
- * producer warp), then "empty" (one arrival of the consumer warp). */
-__device__ __forceinline__ uint32_t hop_dfull(uint32_t bar_dep, int cw, int buf, int db) {
-    return bar_dep + 8 * (2 * (cw * db + buf));
-}
-__device__ __forceinline__ uint32_t hop_dempty(uint32_t bar_dep, int cw, int buf, int db) {
-    return bar_dep + 8 * (2 * (cw * db + buf) + 1);
-}
-#if MODA_HOPPER_DEPTH_PRODUCER
-/* The depth list of consumer warp cw (its 16 rows' tokens x the visible slots, token-major): first token u0,
- * key count; 0 keys for a warp past the last row or without depth. The consumer computes the same. */
-__device__ __forceinline__ void hop_depth_list(const hop_params &p, int Rw0, int &u0, int &nkeys) {
-    u0 = 0;
-    nkeys = 0;
-    if (p.L > 0 && Rw0 < p.NR) {
-        const int wt0 = Rw0 / p.G, wt1 = min(Rw0 + 15, p.NR - 1) / p.G;
-        u0 = hrow_lo(wt0, p.chunk, p.C);
-        nkeys = (wt1 - u0 + 1) * p.L;
-    }
-}
-/* DPROD: producer warp pw (0..2) streams the depth sub-tiles of consumer warps pw, pw + 3, pw + 6 into their
- * DB buffers, one sub-tile of each in turn; key k of a list is (token u0 + k / L, slot d0 + k % L) (divisions:
- * this warp has issue slots to spare). */
-template <typename T, int D>
-__device__ __forceinline__ void hop_depth_producer(const hop_params &p, unsigned char *base, uint32_t bar_dep, int pw,
-                                                   int64_t b, int64_t h, int R0) {
-    typedef hop_traits<D> TR;
-    constexpr int DB = TR::DB, DK = TR::DK, CH = D / 8;
-    const int lane = threadIdx.x & 31, L = p.L;
-    T *sD0 = reinterpret_cast<T *>(base + TR::Q_BYTES + (size_t)TR::STAGES * 2 * TR::TILE_BYTES);
-    const T *kdb = reinterpret_cast<const T *>(p.kd) + b * p.kds[0] + h * p.kds[3];
-    const T *vdb = reinterpret_cast<const T *>(p.vd) + b * p.vds[0] + h * p.vds[3];
-    /* the longest of the served lists (registers are scarce here: each list is recomputed when visited) */
-    int ndmax = 0;
-    for (int cw = pw; cw < 8; cw += 3) {
-        int u0, nkeys;
-        hop_depth_list(p, R0 + 16 * cw, u0, nkeys);
-        ndmax = max(ndmax, nkeys);
-    }
-    for (int it = 0; it * DK < ndmax; it++) {
-        const int buf = it % DB;
-        for (int cw = pw; cw < 8; cw += 3) {
-            int u0, nkeys;
-            hop_depth_list(p, R0 + 16 * cw, u0, nkeys);
-            if (it * DK >= nkeys) continue;
-            moda_mbar_wait(hop_dempty(bar_dep, cw, buf, DB), (uint32_t)(((it / DB) & 1) ^ 1));
-            T *dk = sD0 + (size_t)(cw * DB + buf) * 2 * DK * D, *dv = dk + DK * D;
-#pragma unroll 1
-            for (int ci = 0; ci < DK * CH / 32; ci++) {
-                const int c = lane + ci * 32;
-                const int rl = c / CH, cc = c % CH;
-                const int kx = it * DK + rl;
-                const bool ok = kx < nkeys;
-                const T *ks = kdb, *vs = vdb;
-                if (ok) {
-                    const int q = kx / L;
-                    const int64_t tok = u0 + q, slot = p.d0 + (kx - q * L);
-                    ks = kdb + tok * p.kds[1] + slot * p.kds[2] + cc * 8;
-                    vs = vdb + tok * p.vds[1] + slot * p.vds[2] + cc * 8;
-                }
-                moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
-                moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
-            }
-            /* the full barrier completes when all 32 lanes' copies have landed */
-            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(hop_dfull(bar_dep, cw, buf, DB))
-                         : "memory");
-        }
-    }
-}
-#endif
-
-template <typename T, int D>
+/* DEPTH = false: the instantiation for problems without depth slots (L = 0), where every depth statement folds
+ * away, so the sequence loop is compiled on its own (the loop's register allocation and schedule react to the
+ * depth code around it: docs/cuda_hopper_notes.md). */
+template <typename T, int D, bool DEPTH>
 __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char *base, uint32_t bar_full,
-                                             uint32_t bar_empty, uint32_t bar_dep, int cwg, int ntiles, int64_t b,
-                                             int64_t h, int R0, int jend) {
+                                             uint32_t bar_empty, int cwg, int ntiles, int64_t b, int64_t h, int R0,
+                                             int jend) {
     typedef hop_traits<D> TR;
     constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = TR::DK, CH = D / 8;
     const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
@@ -381,7 +301,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
      * (after each tile's release; the rest after the loop), so their loads are in flight while the tensor cores
      * work on sequence tiles. */
     int wt0 = 0, wt1 = 0, u0 = 0, nkeys = 0, nd = 0;
-    if (L > 0 && Rw0 < NR) {
+    if (DEPTH && L > 0 && Rw0 < NR) {
         wt0 = Rw0 / G;
         wt1 = min(Rw0 + 15, NR - 1) / G;
         u0 = hrow_lo(wt0, p.chunk, p.C);
@@ -436,12 +356,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     };
     /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
     auto depth_step = [&](int it) {
-        if constexpr (TR::DPROD) {
-            moda_mbar_wait(hop_dfull(bar_dep, cw, it % DB, DB), (uint32_t)((it / DB) & 1));
-        } else {
-            moda_cp_async_wait<DB - 1>();
-            __syncwarp();
-        }
+        moda_cp_async_wait<DB - 1>();
+        __syncwarp();
         const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
         const int q0 = stq, r0 = str;
@@ -512,20 +428,14 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
         }
         __syncwarp(); /* every lane has read the buffer before it is refilled */
-        if constexpr (TR::DPROD) {
-            if (lane == 0) moda_mbar_arrive(hop_dempty(bar_dep, cw, it % DB, DB));
-        } else {
-            const int nx = it + DB;
-            if (nx < nd) load_depth(nx, nx % DB);
-            moda_cp_async_commit();
-        }
+        const int nx = it + DB;
+        if (nx < nd) load_depth(nx, nx % DB);
+        moda_cp_async_commit();
     };
-    if constexpr (!TR::DPROD) {
 #pragma unroll
-        for (int i = 0; i < DB; i++) {
-            if (i < nd) load_depth(i, i);
-            moda_cp_async_commit();
-        }
+    for (int i = 0; i < DB; i++) {
+        if (i < nd) load_depth(i, i);
+        moda_cp_async_commit();
     }
     int dnext = 0;
     /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3 */
@@ -676,17 +586,16 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
 
 /* Static shared memory: the ring's mbarriers. Declared only in the sm_90a body, so a kernel whose attributes
  * show no static shared memory was compiled without it (api.cu / the launcher never choose it then). */
-template <typename T, int D>
+template <typename T, int D, bool DEPTH>
 __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid_constant__ hop_params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef hop_traits<D> TR;
     constexpr int STAGES = TR::STAGES, NH = TR::NH;
-    __shared__ __align__(8) uint64_t bars[2 * STAGES + TR::NDBAR]; /* full, empty; DPROD: the depth buffers' */
+    __shared__ __align__(8) uint64_t bars[2 * STAGES];
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
     const uint32_t bar_full = moda_smem_addr(&bars[0]), bar_empty = moda_smem_addr(&bars[STAGES]);
-    const uint32_t bar_dep = TR::DPROD ? moda_smem_addr(&bars[2 * STAGES]) : 0u;
 
     const int64_t bid = blockIdx.x;
     const int rb = (int)(p.nrb - 1 - bid % p.nrb); /* heaviest (latest) row blocks first */
@@ -697,14 +606,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
     const int jend = p.sequence ? (p.causal ? Rlast / p.G + 1 : p.T) : 0;
     const int ntiles = (jend + HOP_BN - 1) / HOP_BN;
 
-    if (threadIdx.x == 0) {
-        if constexpr (TR::DPROD)
-            for (int i = 0; i < TR::NDBAR / 2; i++) {
-                moda_mbar_init(bar_dep + 16 * i, 32);
-                moda_mbar_init(bar_dep + 16 * i + 8, 1);
-            }
-        moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
-    }
+    if (threadIdx.x == 0) moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
     __syncthreads();
 
     const int wg = threadIdx.x >> 7;
@@ -728,13 +630,9 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
                 }
             }
         }
-#if MODA_HOPPER_DEPTH_PRODUCER
-        if constexpr (TR::DPROD)
-            if (threadIdx.x >= 32) hop_depth_producer<T, D>(p, base, bar_dep, (threadIdx.x >> 5) - 1, b, h, R0);
-#endif
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-        hop_consumer<T, D>(p, base, bar_full, bar_empty, bar_dep, wg - 1, ntiles, b, h, R0, jend);
+        hop_consumer<T, D, DEPTH>(p, base, bar_full, bar_empty, wg - 1, ntiles, b, h, R0, jend);
     }
 #endif
 }
@@ -796,9 +694,9 @@ int encode_kv(CUtensorMap *map, int perm[3], const moda_operand *a, const moda_p
 /* Whether the loaded image of the kernel is the sm_90a body: binary version 9.x and the mbarriers' static shared
  * memory (absent from the empty body an sm_80 or plain sm_90 pass compiles). Probed once per instantiation (one
  * process, one build: the image does not change between calls). */
-template <typename T, int D> int probe_kernel(void) {
+template <typename T, int D, bool DEPTH> int probe_kernel(void) {
     cudaFuncAttributes fa;
-    if (cudaFuncGetAttributes(&fa, hopper_fwd_kernel<T, D>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&fa, hopper_fwd_kernel<T, D, DEPTH>) != cudaSuccess) {
         moda_cuda_clear_error();
         return 0;
     }
@@ -806,22 +704,32 @@ template <typename T, int D> int probe_kernel(void) {
            fa.sharedSizeBytes >= 2 * hop_traits<D>::STAGES * sizeof(uint64_t);
 }
 template <typename T, int D> int kernel_ready(void) {
-    static const int ok = probe_kernel<T, D>();
+    static const int ok = probe_kernel<T, D, true>() && probe_kernel<T, D, false>();
     return ok;
 }
 
-template <typename T, int D> moda_status launch_hopper(hop_params &prm, const moda_problem *p, cudaStream_t stream) {
+template <typename T, int D, bool DEPTH>
+moda_status launch_hopper_as(hop_params &prm, const moda_problem *p, cudaStream_t stream) {
     prm.nrb = (prm.NR + HOP_BM - 1) / HOP_BM;
     const int64_t nblocks = prm.nrb * p->B * p->Hk;
     if (nblocks > 2147483647LL)
         return moda_fail(MODA_ERR_UNSUPPORTED, "CUDA forward: %lld thread blocks exceed the grid limit",
                          (long long)nblocks);
     /* per launch, as forward_fast: the limit belongs to the current device */
-    MODA_CUDA_TRY(cudaFuncSetAttribute(hopper_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    MODA_CUDA_TRY(cudaFuncSetAttribute(hopper_fwd_kernel<T, D, DEPTH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)hop_traits<D>::SMEM));
-    hopper_fwd_kernel<T, D><<<(unsigned)nblocks, HOP_THREADS, hop_traits<D>::SMEM, stream>>>(prm);
+    hopper_fwd_kernel<T, D, DEPTH><<<(unsigned)nblocks, HOP_THREADS, hop_traits<D>::SMEM, stream>>>(prm);
     MODA_CUDA_TRY_LAUNCH("hopper_fwd_kernel");
     return MODA_OK;
+}
+/* MODA_HOPPER_NODEPTH_KERNEL=0 (a build flag, for a same-run A/B) sends depth-free problems to the depth-capable
+ * instantiation, as before session 7. */
+#ifndef MODA_HOPPER_NODEPTH_KERNEL
+#define MODA_HOPPER_NODEPTH_KERNEL 1
+#endif
+template <typename T, int D> moda_status launch_hopper(hop_params &prm, const moda_problem *p, cudaStream_t stream) {
+    if (prm.L > 0 || !MODA_HOPPER_NODEPTH_KERNEL) return launch_hopper_as<T, D, true>(prm, p, stream);
+    return launch_hopper_as<T, D, false>(prm, p, stream);
 }
 
 } // namespace
