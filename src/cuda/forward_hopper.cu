@@ -44,6 +44,14 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
+/* MODA_HOPPER_DEPTH_AFTER (off by default until timed against the shipped order in one call): d = 128 runs the
+ * sequence loop with no depth code in it (the depth-free instantiation's loop is 9 % faster on S5n, call K) and the
+ * depth part after it. Sub-tile 0 is loaded before the loop into the warp's own buffer; after the loop the ring is
+ * idle, so each warp takes a 16 KB slice of it as two more depth buffers (3 sub-tiles in flight instead of 1). */
+#ifndef MODA_HOPPER_DEPTH_AFTER
+#define MODA_HOPPER_DEPTH_AFTER 0
+#endif
+
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -51,6 +59,11 @@ template <int D_> struct hop_traits {
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
+    static constexpr bool AFTER = MODA_HOPPER_DEPTH_AFTER && STAGES < 3; /* d = 128: depth after the loop */
+    static constexpr int DBX = AFTER ? DB + 2 : DB;         /* AFTER: two more buffers in the idle ring */
+    static_assert(!AFTER || (size_t)STAGES * 2 * (HOP_BN * D * 2) == (size_t)8 * 2 * (2 * HOP_DK * D * 2),
+                  "the ring holds two depth buffers per consumer warp");
+    static_assert(DBX >= DB, "depth buffers: the warp's own, then (AFTER) the ring's");
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
@@ -243,7 +256,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                                              uint32_t bar_empty, int cwg, int ntiles, int64_t b, int64_t h, int R0,
                                              int jend) {
     typedef hop_traits<D> TR;
-    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = TR::DK, CH = D / 8;
+    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DBX = TR::DBX, DK = TR::DK, CH = D / 8;
     const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
     const int cw = cwg * 4 + ww; /* consumer warp 0..7 */
     T *sQ = reinterpret_cast<T *>(base);
@@ -332,7 +345,10 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         }
     };
     auto load_depth = [&](int it, int buf) {
-        T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
+        T *dk = sD + buf * 2 * DK * D;
+        if constexpr (TR::AFTER)
+            if (buf >= DB) dk = reinterpret_cast<T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
+        T *dv = dk + DK * D;
         const int q0 = ldq, r0 = ldr;
         adv(ldq, ldr, dkq, dkr);
         int eq = lq0, er = lr0; /* (q, r) of this lane's row rl */
@@ -356,9 +372,15 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     };
     /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
     auto depth_step = [&](int it) {
-        moda_cp_async_wait<DB - 1>();
+        moda_cp_async_wait<DBX - 1>();
         __syncwarp();
-        const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
+        const T *dk = sD + (it % DB) * 2 * DK * D;
+        if constexpr (TR::AFTER) {
+            const int buf = it % DBX;
+            dk = buf < DB ? sD + buf * 2 * DK * D
+                          : reinterpret_cast<const T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
+        }
+        const T *dv = dk + DK * D;
         const int kx0 = it * DK;
         const int q0 = stq, r0 = str;
         adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
@@ -428,8 +450,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
         }
         __syncwarp(); /* every lane has read the buffer before it is refilled */
-        const int nx = it + DB;
-        if (nx < nd) load_depth(nx, nx % DB);
+        const int nx = it + DBX;
+        if (nx < nd) load_depth(nx, nx % DBX);
         moda_cp_async_commit();
     };
 #pragma unroll
@@ -548,9 +570,21 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 hop_fence_o(o);
             }
             moda_mbar_arrive(bar_empty + 8 * stg);
-            if (it < nact) {
-                const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
-                while (dnext < upto) depth_step(dnext++);
+            if constexpr (!TR::AFTER) {
+                if (it < nact) {
+                    const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
+                    while (dnext < upto) depth_step(dnext++);
+                }
+            }
+        }
+        if constexpr (TR::AFTER) {
+            /* the ring is idle once both warpgroups are past their last tile (every TMA write was waited for,
+             * every wgmma read of it completed): its slices become depth buffers DB .. DBX-1 */
+            asm volatile("bar.sync 3, 256;\n" ::: "memory");
+#pragma unroll
+            for (int i = DB; i < DBX; i++) {
+                if (i < nd) load_depth(i, i);
+                moda_cp_async_commit();
             }
         }
     }
