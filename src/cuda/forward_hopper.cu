@@ -44,12 +44,12 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* MODA_HOPPER_DEPTH_AFTER (off by default until timed against the shipped order in one call): d = 128 runs the
- * sequence loop with no depth code in it (the depth-free instantiation's loop is 9 % faster on S5n, call K) and the
- * depth part after it. Sub-tile 0 is loaded before the loop into the warp's own buffer; after the loop the ring is
- * idle, so each warp takes a 16 KB slice of it as two more depth buffers (3 sub-tiles in flight instead of 1). */
-#ifndef MODA_HOPPER_DEPTH_AFTER
-#define MODA_HOPPER_DEPTH_AFTER 0
+/* MODA_HOPPER_DEPTH_LINEAR (1: d = 64, 2: both d; 0, the default, until timed against the shipped code in one call):
+ * when a token's slots are contiguous at the slot stride and the whole slot range is visible (token stride = L x
+ * slot stride, as in the standard [B, T, L, Hk, d] layout with all slots), key k of a warp's list sits at
+ * base + k x slot stride, so the depth loads need one multiply-add per copy instead of the (token, slot) carries. */
+#ifndef MODA_HOPPER_DEPTH_LINEAR
+#define MODA_HOPPER_DEPTH_LINEAR 0
 #endif
 
 template <int D_> struct hop_traits {
@@ -59,11 +59,8 @@ template <int D_> struct hop_traits {
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
-    static constexpr bool AFTER = MODA_HOPPER_DEPTH_AFTER && STAGES < 3; /* d = 128: depth after the loop */
-    static constexpr int DBX = AFTER ? DB + 2 : DB;         /* AFTER: two more buffers in the idle ring */
-    static_assert(!AFTER || (size_t)STAGES * 2 * (HOP_BN * D * 2) == (size_t)8 * 2 * (2 * HOP_DK * D * 2),
-                  "the ring holds two depth buffers per consumer warp");
-    static_assert(DBX >= DB, "depth buffers: the warp's own, then (AFTER) the ring's");
+    static constexpr bool LIN = MODA_HOPPER_DEPTH_LINEAR >= (D == 64 ? 1 : 2); /* the linear depth loads */
+    static_assert(!LIN || D % 64 == 0, "the linear depth loads copy whole 128-byte rows");
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
@@ -248,15 +245,12 @@ __device__ __forceinline__ void hop_pack_p(uint32_t (&pf)[NB / 2][4], const floa
     for (int kk = 0; kk < NB / 2; kk++) hop_pack_a<T>(pf[kk], s[2 * kk], s[2 * kk + 1]);
 }
 
-/* DEPTH = false: the instantiation for problems without depth slots (L = 0), where every depth statement folds
- * away, so the sequence loop is compiled on its own (the loop's register allocation and schedule react to the
- * depth code around it: docs/cuda_hopper_notes.md). */
-template <typename T, int D, bool DEPTH>
+template <typename T, int D>
 __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char *base, uint32_t bar_full,
                                              uint32_t bar_empty, int cwg, int ntiles, int64_t b, int64_t h, int R0,
                                              int jend) {
     typedef hop_traits<D> TR;
-    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DBX = TR::DBX, DK = TR::DK, CH = D / 8;
+    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = TR::DK, CH = D / 8;
     const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
     const int cw = cwg * 4 + ww; /* consumer warp 0..7 */
     T *sQ = reinterpret_cast<T *>(base);
@@ -314,7 +308,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
      * (after each tile's release; the rest after the loop), so their loads are in flight while the tensor cores
      * work on sequence tiles. */
     int wt0 = 0, wt1 = 0, u0 = 0, nkeys = 0, nd = 0;
-    if (DEPTH && L > 0 && Rw0 < NR) {
+    if (L > 0 && Rw0 < NR) {
         wt0 = Rw0 / G;
         wt1 = min(Rw0 + 15, NR - 1) / G;
         u0 = hrow_lo(wt0, p.chunk, p.C);
@@ -344,11 +338,32 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             q++;
         }
     };
+    /* LIN: key k of the list at klin + k * slot stride (and vlin), when both tensors' token stride is L slots */
+    const T *klin = kdb, *vlin = vdb;
+    bool lin = false;
+    if constexpr (TR::LIN) {
+        lin = p.kds[1] == (int64_t)L * p.kds[2] && p.vds[1] == (int64_t)L * p.vds[2];
+        klin = kdb + (int64_t)u0 * p.kds[1] + (int64_t)p.d0 * p.kds[2];
+        vlin = vdb + (int64_t)u0 * p.vds[1] + (int64_t)p.d0 * p.vds[2];
+    }
     auto load_depth = [&](int it, int buf) {
-        T *dk = sD + buf * 2 * DK * D;
-        if constexpr (TR::AFTER)
-            if (buf >= DB) dk = reinterpret_cast<T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
-        T *dv = dk + DK * D;
+        T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
+        if constexpr (TR::LIN) {
+            if (lin) {
+#pragma unroll
+                for (int ci = 0; ci < DK * CH / 32; ci++) {
+                    const int c = lane + ci * 32;
+                    const int rl = c / CH, cc = c % CH;
+                    const int kx = it * DK + rl;
+                    const bool ok = kx < nkeys;
+                    const T *ks = ok ? klin + (int64_t)kx * p.kds[2] + cc * 8 : kdb;
+                    const T *vs = ok ? vlin + (int64_t)kx * p.vds[2] + cc * 8 : vdb;
+                    moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
+                    moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
+                }
+                return;
+            }
+        }
         const int q0 = ldq, r0 = ldr;
         adv(ldq, ldr, dkq, dkr);
         int eq = lq0, er = lr0; /* (q, r) of this lane's row rl */
@@ -372,15 +387,9 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     };
     /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
     auto depth_step = [&](int it) {
-        moda_cp_async_wait<DBX - 1>();
+        moda_cp_async_wait<DB - 1>();
         __syncwarp();
-        const T *dk = sD + (it % DB) * 2 * DK * D;
-        if constexpr (TR::AFTER) {
-            const int buf = it % DBX;
-            dk = buf < DB ? sD + buf * 2 * DK * D
-                          : reinterpret_cast<const T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
-        }
-        const T *dv = dk + DK * D;
+        const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
         const int q0 = stq, r0 = str;
         adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
@@ -450,8 +459,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
         }
         __syncwarp(); /* every lane has read the buffer before it is refilled */
-        const int nx = it + DBX;
-        if (nx < nd) load_depth(nx, nx % DBX);
+        const int nx = it + DB;
+        if (nx < nd) load_depth(nx, nx % DB);
         moda_cp_async_commit();
     };
 #pragma unroll
@@ -570,21 +579,9 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 hop_fence_o(o);
             }
             moda_mbar_arrive(bar_empty + 8 * stg);
-            if constexpr (!TR::AFTER) {
-                if (it < nact) {
-                    const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
-                    while (dnext < upto) depth_step(dnext++);
-                }
-            }
-        }
-        if constexpr (TR::AFTER) {
-            /* the ring is idle once both warpgroups are past their last tile (every TMA write was waited for,
-             * every wgmma read of it completed): its slices become depth buffers DB .. DBX-1 */
-            asm volatile("bar.sync 3, 256;\n" ::: "memory");
-#pragma unroll
-            for (int i = DB; i < DBX; i++) {
-                if (i < nd) load_depth(i, i);
-                moda_cp_async_commit();
+            if (it < nact) {
+                const int upto = (int)(((int64_t)(it + 1) * nd) / nact);
+                while (dnext < upto) depth_step(dnext++);
             }
         }
     }
@@ -620,7 +617,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
 
 /* Static shared memory: the ring's mbarriers. Declared only in the sm_90a body, so a kernel whose attributes
  * show no static shared memory was compiled without it (api.cu / the launcher never choose it then). */
-template <typename T, int D, bool DEPTH>
+template <typename T, int D>
 __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid_constant__ hop_params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef hop_traits<D> TR;
@@ -666,7 +663,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-        hop_consumer<T, D, DEPTH>(p, base, bar_full, bar_empty, wg - 1, ntiles, b, h, R0, jend);
+        hop_consumer<T, D>(p, base, bar_full, bar_empty, wg - 1, ntiles, b, h, R0, jend);
     }
 #endif
 }
@@ -728,9 +725,9 @@ int encode_kv(CUtensorMap *map, int perm[3], const moda_operand *a, const moda_p
 /* Whether the loaded image of the kernel is the sm_90a body: binary version 9.x and the mbarriers' static shared
  * memory (absent from the empty body an sm_80 or plain sm_90 pass compiles). Probed once per instantiation (one
  * process, one build: the image does not change between calls). */
-template <typename T, int D, bool DEPTH> int probe_kernel(void) {
+template <typename T, int D> int probe_kernel(void) {
     cudaFuncAttributes fa;
-    if (cudaFuncGetAttributes(&fa, hopper_fwd_kernel<T, D, DEPTH>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&fa, hopper_fwd_kernel<T, D>) != cudaSuccess) {
         moda_cuda_clear_error();
         return 0;
     }
@@ -738,32 +735,22 @@ template <typename T, int D, bool DEPTH> int probe_kernel(void) {
            fa.sharedSizeBytes >= 2 * hop_traits<D>::STAGES * sizeof(uint64_t);
 }
 template <typename T, int D> int kernel_ready(void) {
-    static const int ok = probe_kernel<T, D, true>() && probe_kernel<T, D, false>();
+    static const int ok = probe_kernel<T, D>();
     return ok;
 }
 
-template <typename T, int D, bool DEPTH>
-moda_status launch_hopper_as(hop_params &prm, const moda_problem *p, cudaStream_t stream) {
+template <typename T, int D> moda_status launch_hopper(hop_params &prm, const moda_problem *p, cudaStream_t stream) {
     prm.nrb = (prm.NR + HOP_BM - 1) / HOP_BM;
     const int64_t nblocks = prm.nrb * p->B * p->Hk;
     if (nblocks > 2147483647LL)
         return moda_fail(MODA_ERR_UNSUPPORTED, "CUDA forward: %lld thread blocks exceed the grid limit",
                          (long long)nblocks);
     /* per launch, as forward_fast: the limit belongs to the current device */
-    MODA_CUDA_TRY(cudaFuncSetAttribute(hopper_fwd_kernel<T, D, DEPTH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    MODA_CUDA_TRY(cudaFuncSetAttribute(hopper_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)hop_traits<D>::SMEM));
-    hopper_fwd_kernel<T, D, DEPTH><<<(unsigned)nblocks, HOP_THREADS, hop_traits<D>::SMEM, stream>>>(prm);
+    hopper_fwd_kernel<T, D><<<(unsigned)nblocks, HOP_THREADS, hop_traits<D>::SMEM, stream>>>(prm);
     MODA_CUDA_TRY_LAUNCH("hopper_fwd_kernel");
     return MODA_OK;
-}
-/* MODA_HOPPER_NODEPTH_KERNEL=0 (a build flag, for a same-run A/B) sends depth-free problems to the depth-capable
- * instantiation, as before session 7. */
-#ifndef MODA_HOPPER_NODEPTH_KERNEL
-#define MODA_HOPPER_NODEPTH_KERNEL 1
-#endif
-template <typename T, int D> moda_status launch_hopper(hop_params &prm, const moda_problem *p, cudaStream_t stream) {
-    if (prm.L > 0 || !MODA_HOPPER_NODEPTH_KERNEL) return launch_hopper_as<T, D, true>(prm, p, stream);
-    return launch_hopper_as<T, D, false>(prm, p, stream);
 }
 
 } // namespace
