@@ -18,8 +18,9 @@
  *    token-major; chunk mode from its first row's chunk start) in 16-key sub-tiles loaded with cp.async into
  *    warp-private shared buffers, with mma.sync m16n8k16 into the SAME accumulators: a warp's part of the wgmma
  *    m64nN accumulator is exactly the m16n8 C fragment of its 16 rows, and P's wgmma A fragment is the mma.sync A
- *    fragment. Waste is bounded by the warp's 16 rows (G of 16 useful per slot). Positions in the list advance
- *    with carries instead of per-element divisions by L.
+ *    fragment. Waste is bounded by the warp's 16 rows (G of 16 useful per slot). When the token stride is L
+ *    slots, key k of the list is at base + k x slot stride; otherwise positions in the list advance with carries
+ *    instead of per-element divisions by L.
  *  - order, d = 64 (4-stage ring): the depth part first, then the sequence loop with intra-warpgroup overlap
  *    (S_j = Q*K_j^T issued together with O += P_{j-1}*V_{j-1}; tile j's softmax runs while that P*V does).
  *    d = 128 (2 stages, too few to hold two tiles): one tile at a time, the depth sub-tiles spread over the
@@ -44,14 +45,6 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* MODA_HOPPER_DEPTH_LINEAR (1: d = 64, 2: both d; 0, the default, until timed against the shipped code in one call):
- * when a token's slots are contiguous at the slot stride and the whole slot range is visible (token stride = L x
- * slot stride, as in the standard [B, T, L, Hk, d] layout with all slots), key k of a warp's list sits at
- * base + k x slot stride, so the depth loads need one multiply-add per copy instead of the (token, slot) carries. */
-#ifndef MODA_HOPPER_DEPTH_LINEAR
-#define MODA_HOPPER_DEPTH_LINEAR 0
-#endif
-
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -59,8 +52,6 @@ template <int D_> struct hop_traits {
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
-    static constexpr bool LIN = MODA_HOPPER_DEPTH_LINEAR >= (D == 64 ? 1 : 2); /* the linear depth loads */
-    static_assert(!LIN || D % 64 == 0, "the linear depth loads copy whole 128-byte rows");
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
@@ -338,31 +329,28 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             q++;
         }
     };
-    /* LIN: key k of the list at klin + k * slot stride (and vlin), when both tensors' token stride is L slots */
-    const T *klin = kdb, *vlin = vdb;
-    bool lin = false;
-    if constexpr (TR::LIN) {
-        lin = p.kds[1] == (int64_t)L * p.kds[2] && p.vds[1] == (int64_t)L * p.vds[2];
-        klin = kdb + (int64_t)u0 * p.kds[1] + (int64_t)p.d0 * p.kds[2];
-        vlin = vdb + (int64_t)u0 * p.vds[1] + (int64_t)p.d0 * p.vds[2];
-    }
+    /* When both depth tensors' token stride is L slots (the standard [B, T, L, Hk, d] layout with every slot
+     * visible, or any view with that property), key k of the list sits at klin + k * slot stride (and vlin): the
+     * loads then need one multiply-add per copy instead of the (token, slot) carries below. Session 7 (call M):
+     * S5 -9 %, S4 -2.7 %, S2 -2.2 % against the carried addressing. */
+    const bool lin = p.kds[1] == (int64_t)L * p.kds[2] && p.vds[1] == (int64_t)L * p.vds[2];
+    const T *klin = kdb + (int64_t)u0 * p.kds[1] + (int64_t)p.d0 * p.kds[2];
+    const T *vlin = vdb + (int64_t)u0 * p.vds[1] + (int64_t)p.d0 * p.vds[2];
     auto load_depth = [&](int it, int buf) {
         T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
-        if constexpr (TR::LIN) {
-            if (lin) {
+        if (lin) {
 #pragma unroll
-                for (int ci = 0; ci < DK * CH / 32; ci++) {
-                    const int c = lane + ci * 32;
-                    const int rl = c / CH, cc = c % CH;
-                    const int kx = it * DK + rl;
-                    const bool ok = kx < nkeys;
-                    const T *ks = ok ? klin + (int64_t)kx * p.kds[2] + cc * 8 : kdb;
-                    const T *vs = ok ? vlin + (int64_t)kx * p.vds[2] + cc * 8 : vdb;
-                    moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
-                    moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
-                }
-                return;
+            for (int ci = 0; ci < DK * CH / 32; ci++) {
+                const int c = lane + ci * 32;
+                const int rl = c / CH, cc = c % CH;
+                const int kx = it * DK + rl;
+                const bool ok = kx < nkeys;
+                const T *ks = ok ? klin + (int64_t)kx * p.kds[2] + cc * 8 : kdb;
+                const T *vs = ok ? vlin + (int64_t)kx * p.vds[2] + cc * 8 : vdb;
+                moda_cp_async16(moda_smem_addr(dk + hswz<D>(rl, cc * 8)), ks, ok);
+                moda_cp_async16(moda_smem_addr(dv + hswz<D>(rl, cc * 8)), vs, ok);
             }
+            return;
         }
         const int q0 = ldq, r0 = ldr;
         adv(ldq, ldr, dkq, dkr);

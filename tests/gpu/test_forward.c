@@ -223,8 +223,11 @@ static void big_case(const big_shape *s, moda_dtype dt, int nsample, uint64_t se
     for (int pi = 0; pi < npaths; pi++) {
         setenv("MODA_CUDA_FORWARD", paths[pi], 1);
         st = st0; /* the same sampled rows on every path */
-        CUDA_OK(cudaMemset(o, 0xFF, 2 * (size_t)nq)); /* poison */
-        CUDA_OK(cudaMemset(lse, 0xFF, 4 * (size_t)(B * T * Hq)));
+        /* poison, on the forward's stream: a plain cudaMemset runs on the legacy default stream, which does not
+         * order itself with this non-blocking stream, so the poison could land after the kernel's writes (session 7,
+         * call M: 189 of S4's 200 sampled LSE values came back as poison on the mma.sync path) */
+        CUDA_OK(cudaMemsetAsync(o, 0xFF, 2 * (size_t)nq, stream));
+        CUDA_OK(cudaMemsetAsync(lse, 0xFF, 4 * (size_t)(B * T * Hq), stream));
 
         const int64_t qsh[4] = {B, T, Hk, d}, kdsh[5] = {B, T, L, Hk, d}, lsh[4] = {B, T, Hk, G};
         moda_tensor tq = moda_tensor_q_standard(q, dt, MODA_CUDA, B, T, Hk, G, d);
