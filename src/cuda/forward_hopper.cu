@@ -45,6 +45,13 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
+/* MODA_HOPPER_DEPTH_KEYRANGE (1, the candidate; 0: the shipped carried mask) for one same-run A/B: a thread's row
+ * sees the keys [klo, khi) of its warp's depth list (its tokens tlo..trow, token-major), so the depth mask is two
+ * compares per element on the key index instead of a carried (token, slot) position per column. */
+#ifndef MODA_HOPPER_DEPTH_KEYRANGE
+#define MODA_HOPPER_DEPTH_KEYRANGE 1
+#endif
+
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -312,6 +319,23 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
      * offset used below is split once into (quotient, remainder) by L, and positions advance with a carry:
      * (q, r) + (dq, dr) with r, dr < L needs at most one wrap. Loads and sub-tiles are visited in order (0, 1, 2,
      * ...: the first DB loads, then one load per depth_step), so each stream carries its (q, r) of k = it * DK. */
+#if MODA_HOPPER_DEPTH_KEYRANGE
+    int dkq = 0, dkr = 0, lq0 = 0, lr0 = 0, lsq = 0, lsr = 0;
+    if (nd > 0) {
+        dkq = DK / L, dkr = DK - dkq * L;                       /* sub-tile stride */
+        lq0 = (lane / CH) / L, lr0 = lane / CH - lq0 * L;       /* this lane's first loaded row */
+        lsq = (32 / CH) / L, lsr = 32 / CH - lsq * L;           /* row step between a lane's loads */
+    }
+    int ldq = 0, ldr = 0; /* (q, r) of the next sub-tile to load */
+    /* the keys of the list this thread's rows see: tokens tlo[i] .. trow[i] (tlo >= u0: the rows' tokens are at
+     * least wt0, whose first visible token is u0; khi <= nkeys) */
+    int klo[2], khi[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        klo[i] = (tlo[i] - u0) * L;
+        khi[i] = (trow[i] - u0 + 1) * L;
+    }
+#else
     int dkq = 0, dkr = 0, lq0 = 0, lr0 = 0, lsq = 0, lsr = 0, cq0 = 0, cr0 = 0, c8q = 0, c8r = 0;
     if (nd > 0) {
         dkq = DK / L, dkr = DK - dkq * L;                       /* sub-tile stride */
@@ -321,6 +345,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         c8q = 8 / L, c8r = 8 - c8q * L;                         /* column step to the next 8-column block */
     }
     int ldq = 0, ldr = 0, stq = 0, str = 0; /* (q, r) of the next sub-tile to load / to compute */
+#endif
     auto adv = [&](int &q, int &r, int dq, int dr) {
         q += dq;
         r += dr;
@@ -379,6 +404,10 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         __syncwarp();
         const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
+#if MODA_HOPPER_DEPTH_KEYRANGE
+        /* (every key of the list is seen by some row of the warp: no sub-tile can be skipped) */
+        {
+#else
         const int q0 = stq, r0 = str;
         adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
         const int tok_lo = u0 + q0;
@@ -387,6 +416,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         const int tok_hi = kx0 + DK >= nkeys ? wt1 : u0 + (str == 0 ? stq - 1 : stq);
         /* a sub-tile whose tokens none of the warp's rows see is skipped (only possible in chunk mode) */
         if (tok_hi >= hrow_lo(wt0, p.chunk, p.C) && tok_lo <= wt1) {
+#endif
             float s[DK / 8][4];
 #pragma unroll
             for (int n = 0; n < DK / 8; n++)
@@ -411,6 +441,17 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                     moda_mma<T>::run(s[2 * n2 + 1], qf, kf[2], kf[3]);
                 }
             }
+#if MODA_HOPPER_DEPTH_KEYRANGE
+#pragma unroll
+            for (int n = 0; n < DK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int kx = kx0 + n * 8 + 2 * (lane & 3) + e;
+#pragma unroll
+                    for (int i = 0; i < 2; i++)
+                        if (!(kx >= klo[i] && kx < khi[i])) s[n][2 * i + e] = -INFINITY;
+                }
+#else
             int nq = q0 + cq0, nr = r0 + cr0; /* (q, r) of key kx0 + 2 * (lane % 4), relative to u0 */
             if (nr >= L) {
                 nr -= L;
@@ -430,6 +471,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                     for (int i = 0; i < 2; i++)
                         if (!(cok && ctok >= tlo[i] && ctok <= trow[i])) s[n][2 * i + e] = -INFINITY;
                 }
+#endif
             hop_softmax<DK / 8, NH>(s, o, m, l, sl);
 #pragma unroll
             for (int kk = 0; kk < DK / 16; kk++) {
