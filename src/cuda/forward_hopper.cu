@@ -45,13 +45,6 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* MODA_HOPPER_DEPTH_KEYRANGE (1, the candidate; 0: the shipped carried mask) for one same-run A/B: a thread's row
- * sees the keys [klo, khi) of its warp's depth list (its tokens tlo..trow, token-major), so the depth mask is two
- * compares per element on the key index instead of a carried (token, slot) position per column. */
-#ifndef MODA_HOPPER_DEPTH_KEYRANGE
-#define MODA_HOPPER_DEPTH_KEYRANGE 1
-#endif
-
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -315,11 +308,11 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     }
     const T *kdb = reinterpret_cast<const T *>(p.kd) + b * p.kds[0] + h * p.kds[3];
     const T *vdb = reinterpret_cast<const T *>(p.vd) + b * p.vds[0] + h * p.vds[3];
-    /* Key k of the warp's list is (token u0 + k / L, slot d0 + k % L). Instead of dividing per element, every
-     * offset used below is split once into (quotient, remainder) by L, and positions advance with a carry:
-     * (q, r) + (dq, dr) with r, dr < L needs at most one wrap. Loads and sub-tiles are visited in order (0, 1, 2,
-     * ...: the first DB loads, then one load per depth_step), so each stream carries its (q, r) of k = it * DK. */
-#if MODA_HOPPER_DEPTH_KEYRANGE
+    /* Key k of the warp's list is (token u0 + k / L, slot d0 + k % L). The loads of views whose token stride is not
+     * L slots need that pair: instead of dividing per element, every offset is split once into (quotient,
+     * remainder) by L, and positions advance with a carry: (q, r) + (dq, dr) with r, dr < L needs at most one
+     * wrap. Loads are issued in order (the first DB, then one per depth_step), so the load stream carries its
+     * (q, r) of k = it * DK. The mask needs no position: a row sees a contiguous key range of the list. */
     int dkq = 0, dkr = 0, lq0 = 0, lr0 = 0, lsq = 0, lsr = 0;
     if (nd > 0) {
         dkq = DK / L, dkr = DK - dkq * L;                       /* sub-tile stride */
@@ -335,17 +328,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         klo[i] = (tlo[i] - u0) * L;
         khi[i] = (trow[i] - u0 + 1) * L;
     }
-#else
-    int dkq = 0, dkr = 0, lq0 = 0, lr0 = 0, lsq = 0, lsr = 0, cq0 = 0, cr0 = 0, c8q = 0, c8r = 0;
-    if (nd > 0) {
-        dkq = DK / L, dkr = DK - dkq * L;                       /* sub-tile stride */
-        lq0 = (lane / CH) / L, lr0 = lane / CH - lq0 * L;       /* this lane's first loaded row */
-        lsq = (32 / CH) / L, lsr = 32 / CH - lsq * L;           /* row step between a lane's loads */
-        cq0 = (2 * (lane & 3)) / L, cr0 = 2 * (lane & 3) - cq0 * L; /* this lane's first accumulator column */
-        c8q = 8 / L, c8r = 8 - c8q * L;                         /* column step to the next 8-column block */
-    }
-    int ldq = 0, ldr = 0, stq = 0, str = 0; /* (q, r) of the next sub-tile to load / to compute */
-#endif
     auto adv = [&](int &q, int &r, int dq, int dr) {
         q += dq;
         r += dr;
@@ -404,19 +386,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         __syncwarp();
         const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
         const int kx0 = it * DK;
-#if MODA_HOPPER_DEPTH_KEYRANGE
         /* (every key of the list is seen by some row of the warp: no sub-tile can be skipped) */
         {
-#else
-        const int q0 = stq, r0 = str;
-        adv(stq, str, dkq, dkr); /* now the (q, r) of key kx0 + DK */
-        const int tok_lo = u0 + q0;
-        /* the last key's token: the list ends with token wt1 (nkeys = (wt1 - u0 + 1) * L); otherwise key
-         * kx0 + DK - 1 is in the token of key kx0 + DK unless that one starts a token */
-        const int tok_hi = kx0 + DK >= nkeys ? wt1 : u0 + (str == 0 ? stq - 1 : stq);
-        /* a sub-tile whose tokens none of the warp's rows see is skipped (only possible in chunk mode) */
-        if (tok_hi >= hrow_lo(wt0, p.chunk, p.C) && tok_lo <= wt1) {
-#endif
             float s[DK / 8][4];
 #pragma unroll
             for (int n = 0; n < DK / 8; n++)
@@ -441,7 +412,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                     moda_mma<T>::run(s[2 * n2 + 1], qf, kf[2], kf[3]);
                 }
             }
-#if MODA_HOPPER_DEPTH_KEYRANGE
 #pragma unroll
             for (int n = 0; n < DK / 8; n++)
 #pragma unroll
@@ -451,27 +421,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                     for (int i = 0; i < 2; i++)
                         if (!(kx >= klo[i] && kx < khi[i])) s[n][2 * i + e] = -INFINITY;
                 }
-#else
-            int nq = q0 + cq0, nr = r0 + cr0; /* (q, r) of key kx0 + 2 * (lane % 4), relative to u0 */
-            if (nr >= L) {
-                nr -= L;
-                nq++;
-            }
-#pragma unroll
-            for (int n = 0; n < DK / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int col = n * 8 + 2 * (lane & 3) + e;
-                    int cq = nq, cr = nr;
-                    if (e) adv(cq, cr, L == 1 ? 1 : 0, L == 1 ? 0 : 1);
-                    if (e == 1 && n + 1 < DK / 8) adv(nq, nr, c8q, c8r);
-                    const int ctok = u0 + cq;
-                    const bool cok = kx0 + col < nkeys;
-#pragma unroll
-                    for (int i = 0; i < 2; i++)
-                        if (!(cok && ctok >= tlo[i] && ctok <= trow[i])) s[n][2 * i + e] = -INFINITY;
-                }
-#endif
             hop_softmax<DK / 8, NH>(s, o, m, l, sl);
 #pragma unroll
             for (int kk = 0; kk < DK / 16; kk++) {
