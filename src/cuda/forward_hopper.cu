@@ -45,13 +45,6 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* MODA_HOPPER_DEPTH_VOTE (off by default until timed in one call): a depth sub-tile rescales the output
- * accumulators (32 or 64 multiplies per thread) only when some row of the warp changed its maximum, i.e. some alpha
- * is not exactly 1 (one warp vote; skipping a multiply by 1.0f changes no bit). */
-#ifndef MODA_HOPPER_DEPTH_VOTE
-#define MODA_HOPPER_DEPTH_VOTE 0
-#endif
-
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -428,19 +421,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                     for (int i = 0; i < 2; i++)
                         if (!(kx >= klo[i] && kx < khi[i])) s[n][2 * i + e] = -INFINITY;
                 }
-#if MODA_HOPPER_DEPTH_VOTE
-            {
-                float alpha[2];
-#pragma unroll
-                for (int i = 0; i < 2; i++) hop_softmax_row(s, m, l, sl, i, alpha[i]);
-                if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-                    for (int i = 0; i < 2; i++) hop_rescale_row(o, i, alpha[i]);
-                }
-            }
-#else
             hop_softmax<DK / 8, NH>(s, o, m, l, sl);
-#endif
 #pragma unroll
             for (int kk = 0; kk < DK / 16; kk++) {
                 uint32_t pf[4];
