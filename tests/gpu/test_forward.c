@@ -127,7 +127,7 @@ static void grid(tu_rng *r, cudaStream_t stream) {
         {1, 77, 2, 3, 64, 64, 16, 8, 16, 1, 1, 1, 5, TU_LAYOUT_STANDARD, 0},    /* chunk, 8 slots from slot 8 */
         {2, 77, 2, 3, 64, 64, 16, 8, 16, 1, 1, 0, 1, TU_LAYOUT_FOLDED, 0},      /* folded, from slot 8 */
         {2, 77, 2, 3, 64, 64, 16, 0, 16, 1, 1, 0, 1, TU_LAYOUT_STRIDED, 0},     /* strided, 16 slots */
-        /* no depth slots: the Hopper kernel's depth-free instantiation (several tiles per warpgroup, both d) */
+        /* no depth slots on the Hopper kernel (several tiles per warpgroup, both d) */
         {1, 300, 2, 3, 64, 64, 0, 0, 0, 1, 1, 0, 1, TU_LAYOUT_STANDARD, 0},     /* L = 0, causal, G = 3 */
         {1, 281, 1, 4, 128, 128, 0, 0, 0, 0, 1, 0, 1, TU_LAYOUT_STRIDED, 0},    /* L = 0, d = 128, non-causal */
         /* keep these two last: the quick grid leaves their T uncapped */
