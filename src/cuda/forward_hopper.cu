@@ -45,6 +45,15 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
+/* MODA_HOPPER_OVL128 (off by default until timed against the shipped d = 128 loop in one call): d = 128 gets the
+ * intra-warpgroup overlap with its two ring stages by splitting each stage's barriers into K and V pairs. Iteration
+ * j reads K_j and V_{j-1}; K_j is released as soon as S_j is done, V_{j-1} after P_{j-1}*V_{j-1}, so the producer
+ * refills a K slot one iteration ahead and a V slot one iteration before it is read. The loop then holds no depth
+ * code: the depth part runs after it, with two more buffers per warp in the then idle ring (3 in flight). */
+#ifndef MODA_HOPPER_OVL128
+#define MODA_HOPPER_OVL128 0
+#endif
+
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
@@ -52,11 +61,18 @@ template <int D_> struct hop_traits {
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
+    static constexpr bool SPLIT = MODA_HOPPER_OVL128 && D == 128; /* K/V barrier pairs, overlap, depth after */
+    static constexpr int DBX = SPLIT ? DB + 2 : DB;         /* SPLIT: two more depth buffers in the idle ring */
+    static constexpr int NBARS = SPLIT ? 4 * STAGES : 2 * STAGES;
+    static constexpr int ANCHOR_BYTES = SPLIT ? 8 * 128 : 0; /* SPLIT: the loop's store anchor (sD is in use) */
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
     static constexpr size_t SMEM = 1024 + (size_t)Q_BYTES + (size_t)STAGES * 2 * TILE_BYTES +
-                                   (size_t)8 * DB * 2 * DEPTH_BYTES;
+                                   (size_t)8 * DB * 2 * DEPTH_BYTES + (size_t)ANCHOR_BYTES;
+    static_assert(!SPLIT || (size_t)STAGES * 2 * TILE_BYTES == (size_t)8 * (DBX - DB) * 2 * DEPTH_BYTES,
+                  "the ring holds the extra depth buffers of the 8 consumer warps");
+    static_assert(SMEM <= 232448, "shared memory per block");
 };
 
 struct hop_params : moda_fwd_shape {
@@ -241,7 +257,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                                              uint32_t bar_empty, int cwg, int ntiles, int64_t b, int64_t h, int R0,
                                              int jend) {
     typedef hop_traits<D> TR;
-    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DK = TR::DK, CH = D / 8;
+    constexpr int NH = TR::NH, STAGES = TR::STAGES, DB = TR::DB, DBX = TR::DBX, DK = TR::DK, CH = D / 8;
     const int ct = threadIdx.x - 128 * (cwg + 1), lane = ct & 31, ww = ct >> 5;
     const int cw = cwg * 4 + ww; /* consumer warp 0..7 */
     T *sQ = reinterpret_cast<T *>(base);
@@ -251,6 +267,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     const int Rg0 = R0 + 64 * cwg;            /* first row of this warpgroup */
     const int Rw0 = Rg0 + 16 * ww;            /* first row of this warp */
     const float sl = p.scale_log2;
+    /* SPLIT: the V barrier pairs follow the K pairs (bar_full / bar_empty) */
+    [[maybe_unused]] const uint32_t bar_vfull = bar_full + 16 * STAGES, bar_vempty = bar_full + 24 * STAGES;
 
     /* Q rows of this warpgroup -> shared (128B-swizzled halves), zero-filled beyond NR. */
     {
@@ -344,7 +362,10 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     const T *klin = kdb + (int64_t)u0 * p.kds[1] + (int64_t)p.d0 * p.kds[2];
     const T *vlin = vdb + (int64_t)u0 * p.vds[1] + (int64_t)p.d0 * p.vds[2];
     auto load_depth = [&](int it, int buf) {
-        T *dk = sD + buf * 2 * DK * D, *dv = dk + DK * D;
+        T *dk = sD + buf * 2 * DK * D;
+        if constexpr (TR::SPLIT)
+            if (buf >= DB) dk = reinterpret_cast<T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
+        T *dv = dk + DK * D;
         if (lin) {
 #pragma unroll
             for (int ci = 0; ci < DK * CH / 32; ci++) {
@@ -382,9 +403,15 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     };
     /* Sub-tile `it` (its load was committed DB groups ago), then the load of sub-tile it + DB into its buffer. */
     auto depth_step = [&](int it) {
-        moda_cp_async_wait<DB - 1>();
+        moda_cp_async_wait<DBX - 1>();
         __syncwarp();
-        const T *dk = sD + (it % DB) * 2 * DK * D, *dv = dk + DK * D;
+        const T *dk = sD + (it % DB) * 2 * DK * D;
+        if constexpr (TR::SPLIT) {
+            const int buf = it % DBX;
+            dk = buf < DB ? sD + buf * 2 * DK * D
+                          : reinterpret_cast<const T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
+        }
+        const T *dv = dk + DK * D;
         const int kx0 = it * DK;
         /* (every key of the list is seen by some row of the warp: no sub-tile can be skipped) */
         {
@@ -438,8 +465,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             }
         }
         __syncwarp(); /* every lane has read the buffer before it is refilled */
-        const int nx = it + DB;
-        if (nx < nd) load_depth(nx, nx % DB);
+        const int nx = it + DBX;
+        if (nx < nd) load_depth(nx, nx % DBX);
         moda_cp_async_commit();
     };
 #pragma unroll
@@ -448,9 +475,10 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         moda_cp_async_commit();
     }
     int dnext = 0;
-    /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3 */
-    constexpr bool OVL = STAGES >= 3;
-    if constexpr (OVL)
+    /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3, or
+     * (SPLIT) K and V released separately */
+    constexpr bool OVL = STAGES >= 3 || TR::SPLIT;
+    if constexpr (OVL && !TR::SPLIT)
         while (dnext < nd) depth_step(dnext++);
 
     /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
@@ -483,12 +511,14 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             hop_issue_qk<T, D>(s, qaddr, kaddr_of(0));
             moda_wg_wait<0>();
             moda_reg_fence(s);
+            if constexpr (TR::SPLIT) moda_mbar_arrive(bar_empty); /* K_0 has been read */
             hop_mask_s(s, 0, p, jend, tw0, trow, lane);
             hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
             hop_pack_p<T>(pf, s);
             for (int it = 1; it < nact; it++) {
                 const int stg = it % STAGES, pstg = (it - 1) % STAGES;
                 moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
+                if constexpr (TR::SPLIT) moda_mbar_wait(bar_vfull + 8 * pstg, (uint32_t)(((it - 1) / STAGES) & 1));
                 hop_fence_o(o);
                 moda_reg_fence(pf);
                 moda_wg_fence(); /* orders the register writes to s, o and pf above before both groups */
@@ -496,6 +526,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 hop_issue_pv<T, NH>(o, pf, kaddr_of(pstg) + TR::TILE_BYTES);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); /* S done, P*V may run on */
                 moda_reg_fence(s);
+                if constexpr (TR::SPLIT) moda_mbar_arrive(bar_empty + 8 * stg); /* K_it has been read */
                 hop_mask_s(s, it * HOP_BN, p, jend, tw0, trow, lane);
                 float alpha[2];
 #pragma unroll
@@ -506,16 +537,25 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                  * probability (the row sums) to this warp's depth buffer, idle during the sequence loop (the depth
                  * part ran before it and its cp.async groups have all been waited for). */
                 const float lsum2 = l[0] + l[1];
-                asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(moda_smem_addr(sD) + 4 * lane), "f"(lsum2) : "memory");
+                uint32_t anchor;
+                if constexpr (TR::SPLIT) /* sD holds depth sub-tile 0's load in flight: a slot of its own */
+                    anchor = moda_smem_addr(ring) + STAGES * 2 * TR::TILE_BYTES + 8 * DB * 2 * TR::DEPTH_BYTES + cw * 128;
+                else
+                    anchor = moda_smem_addr(sD);
+                asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(anchor + 4 * lane), "f"(lsum2) : "memory");
                 moda_wg_wait<0>();
                 hop_fence_o(o);
                 moda_reg_fence(pf);
-                moda_mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
+                if constexpr (TR::SPLIT)
+                    moda_mbar_arrive(bar_vempty + 8 * pstg);
+                else
+                    moda_mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
 #pragma unroll
                 for (int i = 0; i < 2; i++) hop_rescale_row(o, i, alpha[i]);
                 hop_pack_p<T>(pf, s);
             }
             const int lstg = (nact - 1) % STAGES;
+            if constexpr (TR::SPLIT) moda_mbar_wait(bar_vfull + 8 * lstg, (uint32_t)(((nact - 1) / STAGES) & 1));
             hop_fence_o(o);
             moda_reg_fence(pf);
             moda_wg_fence();
@@ -523,12 +563,30 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             moda_wg_wait<0>();
             hop_fence_o(o);
             moda_reg_fence(pf);
-            moda_mbar_arrive(bar_empty + 8 * lstg);
+            if constexpr (TR::SPLIT)
+                moda_mbar_arrive(bar_vempty + 8 * lstg);
+            else
+                moda_mbar_arrive(bar_empty + 8 * lstg);
         }
         for (int it = nact; it < ntiles; it++) {
             const int stg = it % STAGES;
             moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
             moda_mbar_arrive(bar_empty + 8 * stg);
+            if constexpr (TR::SPLIT) {
+                moda_mbar_wait(bar_vfull + 8 * stg, (uint32_t)((it / STAGES) & 1));
+                moda_mbar_arrive(bar_vempty + 8 * stg);
+            }
+        }
+        if constexpr (TR::SPLIT) {
+            /* the ring is idle once both warpgroups are past their last tile (every TMA write was waited for,
+             * every wgmma read of it completed): its slices become depth buffers DB .. DBX-1 */
+            asm volatile("bar.sync 3, 256;\n" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#pragma unroll
+            for (int i = DB; i < DBX; i++) {
+                if (i < nd) load_depth(i, i);
+                moda_cp_async_commit();
+            }
         }
     } else {
         /* d = 128 (2 stages): one tile at a time, each product waited for before its consumer; the depth
@@ -601,7 +659,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef hop_traits<D> TR;
     constexpr int STAGES = TR::STAGES, NH = TR::NH;
-    __shared__ __align__(8) uint64_t bars[2 * STAGES];
+    __shared__ __align__(8) uint64_t bars[TR::NBARS];
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
@@ -616,7 +674,10 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
     const int jend = p.sequence ? (p.causal ? Rlast / p.G + 1 : p.T) : 0;
     const int ntiles = (jend + HOP_BN - 1) / HOP_BN;
 
-    if (threadIdx.x == 0) moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
+    if (threadIdx.x == 0) {
+        moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
+        if constexpr (TR::SPLIT) moda_mbar_ring_init(bar_full + 16 * STAGES, bar_full + 24 * STAGES, STAGES, 1, 256);
+    }
     __syncthreads();
 
     const int wg = threadIdx.x >> 7;
@@ -626,9 +687,28 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
             unsigned char *ring = base + TR::Q_BYTES;
             for (int it = 0; it < ntiles; it++) {
                 const int stg = it % STAGES;
+                int c[3];
+                if constexpr (TR::SPLIT) {
+                    /* K_it into its slot as soon as K_{it-STAGES} is released, then V_it likewise */
+                    const uint32_t par = (uint32_t)(((it / STAGES) & 1) ^ 1);
+                    const uint32_t bvf = bar_full + 16 * STAGES + 8 * stg, bve = bar_full + 24 * STAGES + 8 * stg;
+#pragma unroll
+                    for (int i = 0; i < 3; i++) c[i] = p.perm[i] == 1 ? it * HOP_BN : (int)(p.perm[i] == 0 ? b : h);
+                    const uint32_t kdst = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
+                    moda_mbar_wait(bar_empty + 8 * stg, par);
+                    moda_mbar_expect_tx(bar_full + 8 * stg, TR::TILE_BYTES);
+#pragma unroll
+                    for (int hh = 0; hh < NH; hh++)
+                        tma_load_4d(kdst + hh * HOP_BN * 128, &p.tmk, bar_full + 8 * stg, 64 * hh, c[0], c[1], c[2]);
+                    moda_mbar_wait(bve, par);
+                    moda_mbar_expect_tx(bvf, TR::TILE_BYTES);
+#pragma unroll
+                    for (int hh = 0; hh < NH; hh++)
+                        tma_load_4d(kdst + TR::TILE_BYTES + hh * HOP_BN * 128, &p.tmv, bvf, 64 * hh, c[0], c[1], c[2]);
+                    continue;
+                }
                 moda_mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / STAGES) & 1) ^ 1));
                 moda_mbar_expect_tx(bar_full + 8 * stg, 2 * TR::TILE_BYTES);
-                int c[3];
 #pragma unroll
                 for (int i = 0; i < 3; i++) c[i] = p.perm[i] == 1 ? it * HOP_BN : (int)(p.perm[i] == 0 ? b : h);
                 const uint32_t kdst = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
