@@ -53,24 +53,32 @@ constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 #ifndef MODA_HOPPER_OVL128
 #define MODA_HOPPER_OVL128 0
 #endif
+/* MODA_HOPPER_RING3 (off by default; wins over OVL128): d = 128 with a THREE-stage ring and the d = 64 overlapped
+ * loop unchanged. The shared memory comes from the warps' own depth buffers: the depth part runs after the loop
+ * entirely in the idle ring (3 buffers per warp), its first load issued only then. */
+#ifndef MODA_HOPPER_RING3
+#define MODA_HOPPER_RING3 0
+#endif
 
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
     static constexpr int NH = D / 64;                       /* 64-column (128-byte) halves */
     static_assert(NH * 64 == D, "d is a multiple of 64");
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
-    static constexpr int STAGES = D == 64 ? 4 : 2;          /* sequence ring depth */
-    static constexpr int DB = D == 64 ? 2 : 1;              /* depth buffers per warp */
-    static constexpr bool SPLIT = MODA_HOPPER_OVL128 && D == 128; /* K/V barrier pairs, overlap, depth after */
-    static constexpr int DBX = SPLIT ? DB + 2 : DB;         /* SPLIT: two more depth buffers in the idle ring */
+    static constexpr bool RING3 = MODA_HOPPER_RING3 && D == 128; /* 3 stages, overlap, depth after in the ring */
+    static constexpr bool SPLIT = !RING3 && MODA_HOPPER_OVL128 && D == 128; /* K/V barrier pairs, overlap, after */
+    static constexpr bool AFTER = SPLIT || RING3;           /* the depth part after the loop, in the idle ring */
+    static constexpr int STAGES = D == 64 ? 4 : RING3 ? 3 : 2; /* sequence ring depth */
+    static constexpr int DB = D == 64 ? 2 : RING3 ? 0 : 1;  /* the warp's own depth buffers */
+    static constexpr int DBX = AFTER ? 3 : DB;              /* AFTER: own + ring buffers, 3 in flight */
     static constexpr int NBARS = SPLIT ? 4 * STAGES : 2 * STAGES;
-    static constexpr int ANCHOR_BYTES = SPLIT ? 8 * 128 : 0; /* SPLIT: the loop's store anchor (sD is in use) */
+    static constexpr int ANCHOR_BYTES = AFTER ? 8 * 128 : 0; /* AFTER: the loop's store anchor (sD busy or none) */
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
     static constexpr size_t SMEM = 1024 + (size_t)Q_BYTES + (size_t)STAGES * 2 * TILE_BYTES +
                                    (size_t)8 * DB * 2 * DEPTH_BYTES + (size_t)ANCHOR_BYTES;
-    static_assert(!SPLIT || (size_t)STAGES * 2 * TILE_BYTES == (size_t)8 * (DBX - DB) * 2 * DEPTH_BYTES,
+    static_assert(!AFTER || (size_t)STAGES * 2 * TILE_BYTES == (size_t)8 * (DBX - DB) * 2 * DEPTH_BYTES,
                   "the ring holds the extra depth buffers of the 8 consumer warps");
     static_assert(SMEM <= 232448, "shared memory per block");
 };
@@ -363,7 +371,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     const T *vlin = vdb + (int64_t)u0 * p.vds[1] + (int64_t)p.d0 * p.vds[2];
     auto load_depth = [&](int it, int buf) {
         T *dk = sD + buf * 2 * DK * D;
-        if constexpr (TR::SPLIT)
+        if constexpr (TR::AFTER)
             if (buf >= DB) dk = reinterpret_cast<T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
         T *dv = dk + DK * D;
         if (lin) {
@@ -405,11 +413,13 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     auto depth_step = [&](int it) {
         moda_cp_async_wait<DBX - 1>();
         __syncwarp();
-        const T *dk = sD + (it % DB) * 2 * DK * D;
-        if constexpr (TR::SPLIT) {
+        const T *dk;
+        if constexpr (TR::AFTER) {
             const int buf = it % DBX;
             dk = buf < DB ? sD + buf * 2 * DK * D
                           : reinterpret_cast<const T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
+        } else {
+            dk = sD + (it % DB) * 2 * DK * D;
         }
         const T *dv = dk + DK * D;
         const int kx0 = it * DK;
@@ -478,7 +488,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3, or
      * (SPLIT) K and V released separately */
     constexpr bool OVL = STAGES >= 3 || TR::SPLIT;
-    if constexpr (OVL && !TR::SPLIT)
+    if constexpr (OVL && !TR::AFTER)
         while (dnext < nd) depth_step(dnext++);
 
     /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
@@ -538,7 +548,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                  * part ran before it and its cp.async groups have all been waited for). */
                 const float lsum2 = l[0] + l[1];
                 uint32_t anchor;
-                if constexpr (TR::SPLIT) /* sD holds depth sub-tile 0's load in flight: a slot of its own */
+                if constexpr (TR::AFTER) /* sD holds depth sub-tile 0's load in flight, or is none: a slot of its own */
                     anchor = moda_smem_addr(ring) + STAGES * 2 * TR::TILE_BYTES + 8 * DB * 2 * TR::DEPTH_BYTES + cw * 128;
                 else
                     anchor = moda_smem_addr(sD);
@@ -577,7 +587,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 moda_mbar_arrive(bar_vempty + 8 * stg);
             }
         }
-        if constexpr (TR::SPLIT) {
+        if constexpr (TR::AFTER) {
             /* the ring is idle once both warpgroups are past their last tile (every TMA write was waited for,
              * every wgmma read of it completed): its slices become depth buffers DB .. DBX-1 */
             asm volatile("bar.sync 3, 256;\n" ::: "memory");
