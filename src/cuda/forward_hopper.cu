@@ -59,6 +59,11 @@ constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 #ifndef MODA_HOPPER_RING3
 #define MODA_HOPPER_RING3 0
 #endif
+/* MODA_HOPPER_PV128 (off by default): d = 128's P*V as ONE m64n128k16 per k-step instead of two m64n64k16 (the A
+ * fragment of P read once): V's two 64-column halves are the MN-major operand's two swizzle atoms, LBO apart. */
+#ifndef MODA_HOPPER_PV128
+#define MODA_HOPPER_PV128 0
+#endif
 
 template <int D_> struct hop_traits {
     static constexpr int D = D_;
@@ -134,6 +139,26 @@ HOP_WGMMA_SS_N128(wgmma_ss_n128_f16, "f16")
 MODA_HOP_WGMMA_RS_N64(wgmma_rs_n64_bf16, "bf16")
 MODA_HOP_WGMMA_RS_N64(wgmma_rs_n64_f16, "f16")
 
+/* m64n128k16, A from registers, B MN-major in two 64-column swizzle atoms LBO bytes apart; accumulates into the
+ * two 64-column halves d0, d1 (register order: columns 0..127). */
+#define HOP_WGMMA_RS_N128(NAME, TY) \
+    static __device__ __forceinline__ void NAME(float (&d0)[8][4], float (&d1)[8][4], const uint32_t (&a)[4], \
+                                                uint64_t db) { \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {" \
+                     "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+                     "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+                     "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
+                     "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63" \
+                     "}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n" \
+                     : MODA_HOP_ACC_N64(d0), MODA_HOP_ACC_N64(d1) \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1)); \
+    }
+#if MODA_HOPPER_PV128
+HOP_WGMMA_RS_N128(wgmma_rs_n128_bf16, "bf16")
+HOP_WGMMA_RS_N128(wgmma_rs_n128_f16, "f16")
+#endif
+
 template <typename T> struct hop_mma;
 template <> struct hop_mma<__nv_bfloat16> {
     static __device__ __forceinline__ void qk(float (&d)[16][4], uint64_t a, uint64_t b, int sc) {
@@ -142,6 +167,12 @@ template <> struct hop_mma<__nv_bfloat16> {
     static __device__ __forceinline__ void pv(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
         wgmma_rs_n64_bf16(d, a, b);
     }
+#if MODA_HOPPER_PV128
+    static __device__ __forceinline__ void pv2(float (&d0)[8][4], float (&d1)[8][4], const uint32_t (&a)[4],
+                                               uint64_t b) {
+        wgmma_rs_n128_bf16(d0, d1, a, b);
+    }
+#endif
 };
 template <> struct hop_mma<__half> {
     static __device__ __forceinline__ void qk(float (&d)[16][4], uint64_t a, uint64_t b, int sc) {
@@ -150,6 +181,12 @@ template <> struct hop_mma<__half> {
     static __device__ __forceinline__ void pv(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
         wgmma_rs_n64_f16(d, a, b);
     }
+#if MODA_HOPPER_PV128
+    static __device__ __forceinline__ void pv2(float (&d0)[8][4], float (&d1)[8][4], const uint32_t (&a)[4],
+                                               uint64_t b) {
+        wgmma_rs_n128_f16(d0, d1, a, b);
+    }
+#endif
 };
 
 /* Online softmax in two steps, so the overlapped loop can defer the rescale until its P*V has completed:
@@ -222,11 +259,22 @@ __device__ __forceinline__ void hop_issue_qk(float (&s)[HOP_BN / 8][4], uint32_t
 /* O += P*V for a 128-key tile, P as packed A fragments, V MN-major; one wgmma group. */
 template <typename T, int NH>
 __device__ __forceinline__ void hop_issue_pv(float (&o)[NH][8][4], uint32_t (&pf)[HOP_BN / 16][4], uint32_t vaddr) {
+#if MODA_HOPPER_PV128
+    if constexpr (NH == 2) {
+        /* LBO (bits 16-29, in 16-byte units) = the distance between V's two 64-column halves */
+        constexpr uint64_t lbo = (uint64_t)((HOP_BN * 128) >> 4) << 16;
 #pragma unroll
-    for (int kk = 0; kk < HOP_BN / 16; kk++)
+        for (int kk = 0; kk < HOP_BN / 16; kk++)
+            hop_mma<T>::pv2(o[0], o[1], pf[kk], (moda_sdesc(vaddr + kk * 16 * 128) & ~((uint64_t)0x3FFF << 16)) | lbo);
+    } else
+#endif
+    {
 #pragma unroll
-        for (int hh = 0; hh < NH; hh++)
-            hop_mma<T>::pv(o[hh], pf[kk], moda_sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
+        for (int kk = 0; kk < HOP_BN / 16; kk++)
+#pragma unroll
+            for (int hh = 0; hh < NH; hh++)
+                hop_mma<T>::pv(o[hh], pf[kk], moda_sdesc(vaddr + hh * HOP_BN * 128 + kk * 16 * 128));
+    }
     moda_wg_commit();
 }
 /* -inf outside the keys j0.. of a sequence tile that the thread's rows see (key < jend; causal: key <= the row's
