@@ -45,22 +45,17 @@ constexpr int HOP_BN = 128;       /* sequence keys per stage */
 constexpr int HOP_THREADS = 384;  /* producer warpgroup + 2 consumer warpgroups */
 constexpr int HOP_DK = 16;        /* depth keys per warp-private sub-tile */
 
-/* MODA_HOPPER_OVL128 (off by default until timed against the shipped d = 128 loop in one call): d = 128 gets the
- * intra-warpgroup overlap with its two ring stages by splitting each stage's barriers into K and V pairs. Iteration
- * j reads K_j and V_{j-1}; K_j is released as soon as S_j is done, V_{j-1} after P_{j-1}*V_{j-1}, so the producer
- * refills a K slot one iteration ahead and a V slot one iteration before it is read. The loop then holds no depth
- * code: the depth part runs after it, with two more buffers per warp in the then idle ring (3 in flight). */
-#ifndef MODA_HOPPER_OVL128
-#define MODA_HOPPER_OVL128 0
-#endif
-/* MODA_HOPPER_RING3 (off by default; wins over OVL128): d = 128 with a THREE-stage ring and the d = 64 overlapped
- * loop unchanged. The shared memory comes from the warps' own depth buffers: the depth part runs after the loop
- * entirely in the idle ring (3 buffers per warp), its first load issued only then. */
+/* MODA_HOPPER_RING3 (off by default): d = 128 with a THREE-stage ring and the d = 64 overlapped loop unchanged. The
+ * shared memory comes from the warps' own depth buffers: the depth part runs after the loop entirely in the idle
+ * ring (3 buffers per warp), its first load issued only then. Session 8 (calls B): S5n (no depth) -6 to -15 %, but
+ * S5 +2 to +5 %: the depth part after an overlapped loop runs exposed, where the shipped d = 128 loop hides it in
+ * its issue gaps (docs/cuda_hopper_notes.md, "Session 8"). Kept, validated, as the base for the next step. */
 #ifndef MODA_HOPPER_RING3
 #define MODA_HOPPER_RING3 0
 #endif
-/* MODA_HOPPER_PV128 (off by default): d = 128's P*V as ONE m64n128k16 per k-step instead of two m64n64k16 (the A
- * fragment of P read once): V's two 64-column halves are the MN-major operand's two swizzle atoms, LBO apart. */
+/* MODA_HOPPER_PV128 (off by default; NOT YET RUN on a device: session 8's call C, its A/B and grid, could not start
+ * for want of device time): d = 128's P*V as ONE m64n128k16 per k-step instead of two m64n64k16 (the A fragment of
+ * P read once): V's two 64-column halves are the MN-major operand's two swizzle atoms, LBO apart. */
 #ifndef MODA_HOPPER_PV128
 #define MODA_HOPPER_PV128 0
 #endif
@@ -71,12 +66,10 @@ template <int D_> struct hop_traits {
     static_assert(NH * 64 == D, "d is a multiple of 64");
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr bool RING3 = MODA_HOPPER_RING3 && D == 128; /* 3 stages, overlap, depth after in the ring */
-    static constexpr bool SPLIT = !RING3 && MODA_HOPPER_OVL128 && D == 128; /* K/V barrier pairs, overlap, after */
-    static constexpr bool AFTER = SPLIT || RING3;           /* the depth part after the loop, in the idle ring */
+    static constexpr bool AFTER = RING3;                    /* the depth part after the loop, in the idle ring */
     static constexpr int STAGES = D == 64 ? 4 : RING3 ? 3 : 2; /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : RING3 ? 0 : 1;  /* the warp's own depth buffers */
     static constexpr int DBX = AFTER ? 3 : DB;              /* AFTER: own + ring buffers, 3 in flight */
-    static constexpr int NBARS = SPLIT ? 4 * STAGES : 2 * STAGES;
     static constexpr int ANCHOR_BYTES = AFTER ? 8 * 128 : 0; /* AFTER: the loop's store anchor (sD busy or none) */
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
@@ -323,8 +316,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     const int Rg0 = R0 + 64 * cwg;            /* first row of this warpgroup */
     const int Rw0 = Rg0 + 16 * ww;            /* first row of this warp */
     const float sl = p.scale_log2;
-    /* SPLIT: the V barrier pairs follow the K pairs (bar_full / bar_empty) */
-    [[maybe_unused]] const uint32_t bar_vfull = bar_full + 16 * STAGES, bar_vempty = bar_full + 24 * STAGES;
 
     /* Q rows of this warpgroup -> shared (128B-swizzled halves), zero-filled beyond NR. */
     {
@@ -533,9 +524,8 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         moda_cp_async_commit();
     }
     int dnext = 0;
-    /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3, or
-     * (SPLIT) K and V released separately */
-    constexpr bool OVL = STAGES >= 3 || TR::SPLIT;
+    /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3 */
+    constexpr bool OVL = STAGES >= 3;
     if constexpr (OVL && !TR::AFTER)
         while (dnext < nd) depth_step(dnext++);
 
@@ -569,14 +559,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             hop_issue_qk<T, D>(s, qaddr, kaddr_of(0));
             moda_wg_wait<0>();
             moda_reg_fence(s);
-            if constexpr (TR::SPLIT) moda_mbar_arrive(bar_empty); /* K_0 has been read */
             hop_mask_s(s, 0, p, jend, tw0, trow, lane);
             hop_softmax<HOP_BN / 8, NH>(s, o, m, l, sl);
             hop_pack_p<T>(pf, s);
             for (int it = 1; it < nact; it++) {
                 const int stg = it % STAGES, pstg = (it - 1) % STAGES;
                 moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
-                if constexpr (TR::SPLIT) moda_mbar_wait(bar_vfull + 8 * pstg, (uint32_t)(((it - 1) / STAGES) & 1));
                 hop_fence_o(o);
                 moda_reg_fence(pf);
                 moda_wg_fence(); /* orders the register writes to s, o and pf above before both groups */
@@ -584,7 +572,6 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 hop_issue_pv<T, NH>(o, pf, kaddr_of(pstg) + TR::TILE_BYTES);
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); /* S done, P*V may run on */
                 moda_reg_fence(s);
-                if constexpr (TR::SPLIT) moda_mbar_arrive(bar_empty + 8 * stg); /* K_it has been read */
                 hop_mask_s(s, it * HOP_BN, p, jend, tw0, trow, lane);
                 float alpha[2];
 #pragma unroll
@@ -596,7 +583,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                  * part ran before it and its cp.async groups have all been waited for). */
                 const float lsum2 = l[0] + l[1];
                 uint32_t anchor;
-                if constexpr (TR::AFTER) /* sD holds depth sub-tile 0's load in flight, or is none: a slot of its own */
+                if constexpr (TR::AFTER) /* (RING3 has no sD): an anchor slot of its own */
                     anchor = moda_smem_addr(ring) + STAGES * 2 * TR::TILE_BYTES + 8 * DB * 2 * TR::DEPTH_BYTES + cw * 128;
                 else
                     anchor = moda_smem_addr(sD);
@@ -604,16 +591,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                 moda_wg_wait<0>();
                 hop_fence_o(o);
                 moda_reg_fence(pf);
-                if constexpr (TR::SPLIT)
-                    moda_mbar_arrive(bar_vempty + 8 * pstg);
-                else
-                    moda_mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
+                moda_mbar_arrive(bar_empty + 8 * pstg); /* V_{it-1} has been read */
 #pragma unroll
                 for (int i = 0; i < 2; i++) hop_rescale_row(o, i, alpha[i]);
                 hop_pack_p<T>(pf, s);
             }
             const int lstg = (nact - 1) % STAGES;
-            if constexpr (TR::SPLIT) moda_mbar_wait(bar_vfull + 8 * lstg, (uint32_t)(((nact - 1) / STAGES) & 1));
             hop_fence_o(o);
             moda_reg_fence(pf);
             moda_wg_fence();
@@ -621,19 +604,12 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             moda_wg_wait<0>();
             hop_fence_o(o);
             moda_reg_fence(pf);
-            if constexpr (TR::SPLIT)
-                moda_mbar_arrive(bar_vempty + 8 * lstg);
-            else
-                moda_mbar_arrive(bar_empty + 8 * lstg);
+            moda_mbar_arrive(bar_empty + 8 * lstg);
         }
         for (int it = nact; it < ntiles; it++) {
             const int stg = it % STAGES;
             moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
             moda_mbar_arrive(bar_empty + 8 * stg);
-            if constexpr (TR::SPLIT) {
-                moda_mbar_wait(bar_vfull + 8 * stg, (uint32_t)((it / STAGES) & 1));
-                moda_mbar_arrive(bar_vempty + 8 * stg);
-            }
         }
         if constexpr (TR::AFTER) {
             /* the ring is idle once both warpgroups are past their last tile (every TMA write was waited for,
@@ -717,7 +693,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef hop_traits<D> TR;
     constexpr int STAGES = TR::STAGES, NH = TR::NH;
-    __shared__ __align__(8) uint64_t bars[TR::NBARS];
+    __shared__ __align__(8) uint64_t bars[2 * STAGES];
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base =
         reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~(uintptr_t)1023);
@@ -732,10 +708,7 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
     const int jend = p.sequence ? (p.causal ? Rlast / p.G + 1 : p.T) : 0;
     const int ntiles = (jend + HOP_BN - 1) / HOP_BN;
 
-    if (threadIdx.x == 0) {
-        moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
-        if constexpr (TR::SPLIT) moda_mbar_ring_init(bar_full + 16 * STAGES, bar_full + 24 * STAGES, STAGES, 1, 256);
-    }
+    if (threadIdx.x == 0) moda_mbar_ring_init(bar_full, bar_empty, STAGES, 1, 256);
     __syncthreads();
 
     const int wg = threadIdx.x >> 7;
@@ -745,28 +718,9 @@ __global__ void __launch_bounds__(HOP_THREADS, 1) hopper_fwd_kernel(const __grid
             unsigned char *ring = base + TR::Q_BYTES;
             for (int it = 0; it < ntiles; it++) {
                 const int stg = it % STAGES;
-                int c[3];
-                if constexpr (TR::SPLIT) {
-                    /* K_it into its slot as soon as K_{it-STAGES} is released, then V_it likewise */
-                    const uint32_t par = (uint32_t)(((it / STAGES) & 1) ^ 1);
-                    const uint32_t bvf = bar_full + 16 * STAGES + 8 * stg, bve = bar_full + 24 * STAGES + 8 * stg;
-#pragma unroll
-                    for (int i = 0; i < 3; i++) c[i] = p.perm[i] == 1 ? it * HOP_BN : (int)(p.perm[i] == 0 ? b : h);
-                    const uint32_t kdst = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);
-                    moda_mbar_wait(bar_empty + 8 * stg, par);
-                    moda_mbar_expect_tx(bar_full + 8 * stg, TR::TILE_BYTES);
-#pragma unroll
-                    for (int hh = 0; hh < NH; hh++)
-                        tma_load_4d(kdst + hh * HOP_BN * 128, &p.tmk, bar_full + 8 * stg, 64 * hh, c[0], c[1], c[2]);
-                    moda_mbar_wait(bve, par);
-                    moda_mbar_expect_tx(bvf, TR::TILE_BYTES);
-#pragma unroll
-                    for (int hh = 0; hh < NH; hh++)
-                        tma_load_4d(kdst + TR::TILE_BYTES + hh * HOP_BN * 128, &p.tmv, bvf, 64 * hh, c[0], c[1], c[2]);
-                    continue;
-                }
                 moda_mbar_wait(bar_empty + 8 * stg, (uint32_t)(((it / STAGES) & 1) ^ 1));
                 moda_mbar_expect_tx(bar_full + 8 * stg, 2 * TR::TILE_BYTES);
+                int c[3];
 #pragma unroll
                 for (int i = 0; i < 3; i++) c[i] = p.perm[i] == 1 ? it * HOP_BN : (int)(p.perm[i] == 0 ? b : h);
                 const uint32_t kdst = moda_smem_addr(ring + (size_t)stg * 2 * TR::TILE_BYTES);

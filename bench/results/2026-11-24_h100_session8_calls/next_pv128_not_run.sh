@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# session 8 call C, H100 (162 s of device time left): MODA_HOPPER_PV128 (pv128: d = 128's P*V as one m64n128k16
+# PREPARED, NOT RUN (session 8 had too little device time left to start a machine): the next call for MODA_HOPPER_PV128 (pv128: d = 128's P*V as one m64n128k16
 # per k-step, V's halves as two swizzle atoms LBO apart) on the shipped loop and on ring3 (r3pv), against base and
 # ring3. Builds side by side; the QUICK grid on both pv128 builds first (a wrong descriptor fails there: nothing is
 # timed then); the A/B as base, pv128, r3pv, ring3, base, pv128, r3pv, ring3, base; the full grid and memcheck +
 # racecheck of the quick grid on r3pv; then the sanitizers on pv128 if time is left. Every step has a deadline.
+# Before running: the tree must still build with MODA_HOPPER_PV128 and MODA_HOPPER_RING3 (both in forward_hopper.cu).
 set -u
 T0=$(date +%s)
 export MODA_GIT_COMMIT=${COMMIT:-unknown}
