@@ -64,9 +64,9 @@ static double richardson_fd(moda_model *m, const int32_t *in, const int32_t *tg,
 
 /* How far float32-sized noise in the parameters alone moves the float64 gradients (relative L2). Where a draw makes
  * the loss steep, the float32 model's rounding of every intermediate moves its gradients by more than the usual
- * 2e-5 without any formula being wrong (CI saw 3.9e-5 and 2.5e-5, about one run in 50), so the float32 tolerance
- * grows with this measured conditioning. Over 1,220 variant draws (100 seeds) the float32 error stayed within
- * 12.3x of it; a wrong formula or a half-precision accumulation shows up at 1e-3 and above. */
+ * 2e-5 without any formula being wrong (CI saw 3.9e-5; a local run 2.5e-5: about one run in 60), so the float32
+ * tolerance grows with this measured conditioning. Over 1,220 variant draws (100 seeds) the float32 error stayed
+ * within 12.3x of it; a wrong formula or a half-precision accumulation shows up at 1e-3 and above. */
 #define F32_SENS_FACTOR 30.0
 static double float_noise_sensitivity(moda_model *m, const int32_t *in, const int32_t *tg, const tu_rng *r,
                                       const double *g_ref) {
