@@ -66,17 +66,16 @@ template <int D_> struct hop_traits {
     static_assert(NH * 64 == D, "d is a multiple of 64");
     static constexpr int DK = HOP_DK;                       /* depth keys per sub-tile */
     static constexpr bool RING3 = MODA_HOPPER_RING3 && D == 128; /* 3 stages, overlap, depth after in the ring */
-    static constexpr bool AFTER = RING3;                    /* the depth part after the loop, in the idle ring */
     static constexpr int STAGES = D == 64 ? 4 : RING3 ? 3 : 2; /* sequence ring depth */
     static constexpr int DB = D == 64 ? 2 : RING3 ? 0 : 1;  /* the warp's own depth buffers */
-    static constexpr int DBX = AFTER ? 3 : DB;              /* AFTER: own + ring buffers, 3 in flight */
-    static constexpr int ANCHOR_BYTES = AFTER ? 8 * 128 : 0; /* AFTER: the loop's store anchor (sD busy or none) */
+    static constexpr int DBX = RING3 ? 3 : DB;              /* RING3: 3 buffers in flight, all in the ring */
+    static constexpr int ANCHOR_BYTES = RING3 ? 8 * 128 : 0; /* RING3: the loop's store anchor (there is no sD) */
     static constexpr int Q_BYTES = HOP_BM * D * 2;
     static constexpr int TILE_BYTES = HOP_BN * D * 2;       /* one of K or V for one stage */
     static constexpr int DEPTH_BYTES = DK * D * 2;          /* one of K or V for one depth buffer */
     static constexpr size_t SMEM = 1024 + (size_t)Q_BYTES + (size_t)STAGES * 2 * TILE_BYTES +
                                    (size_t)8 * DB * 2 * DEPTH_BYTES + (size_t)ANCHOR_BYTES;
-    static_assert(!AFTER || (size_t)STAGES * 2 * TILE_BYTES == (size_t)8 * (DBX - DB) * 2 * DEPTH_BYTES,
+    static_assert(!RING3 || (size_t)STAGES * 2 * TILE_BYTES == (size_t)8 * (DBX - DB) * 2 * DEPTH_BYTES,
                   "the ring holds the extra depth buffers of the 8 consumer warps");
     static_assert(SMEM <= 232448, "shared memory per block");
 };
@@ -410,7 +409,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     const T *vlin = vdb + (int64_t)u0 * p.vds[1] + (int64_t)p.d0 * p.vds[2];
     auto load_depth = [&](int it, int buf) {
         T *dk = sD + buf * 2 * DK * D;
-        if constexpr (TR::AFTER)
+        if constexpr (TR::RING3)
             if (buf >= DB) dk = reinterpret_cast<T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
         T *dv = dk + DK * D;
         if (lin) {
@@ -453,7 +452,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
         moda_cp_async_wait<DBX - 1>();
         __syncwarp();
         const T *dk;
-        if constexpr (TR::AFTER) {
+        if constexpr (TR::RING3) {
             const int buf = it % DBX;
             dk = buf < DB ? sD + buf * 2 * DK * D
                           : reinterpret_cast<const T *>(ring) + (size_t)(cw * (DBX - DB) + buf - DB) * 2 * DK * D;
@@ -526,7 +525,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
     int dnext = 0;
     /* the overlapped sequence loop holds each stage until the next tile's iteration: it needs STAGES >= 3 */
     constexpr bool OVL = STAGES >= 3;
-    if constexpr (OVL && !TR::AFTER)
+    if constexpr (OVL && !TR::RING3)
         while (dnext < nd) depth_step(dnext++);
 
     /* ---------------- sequence part: wgmma on the TMA ring ---------------- */
@@ -583,7 +582,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
                  * part ran before it and its cp.async groups have all been waited for). */
                 const float lsum2 = l[0] + l[1];
                 uint32_t anchor;
-                if constexpr (TR::AFTER) /* (RING3 has no sD): an anchor slot of its own */
+                if constexpr (TR::RING3) /* (RING3 has no sD): an anchor slot of its own */
                     anchor = moda_smem_addr(ring) + STAGES * 2 * TR::TILE_BYTES + 8 * DB * 2 * TR::DEPTH_BYTES + cw * 128;
                 else
                     anchor = moda_smem_addr(sD);
@@ -611,7 +610,7 @@ __device__ __forceinline__ void hop_consumer(const hop_params &p, unsigned char 
             moda_mbar_wait(bar_full + 8 * stg, (uint32_t)((it / STAGES) & 1));
             moda_mbar_arrive(bar_empty + 8 * stg);
         }
-        if constexpr (TR::AFTER) {
+        if constexpr (TR::RING3) {
             /* the ring is idle once both warpgroups are past their last tile (every TMA write was waited for,
              * every wgmma read of it completed): its slices become depth buffers DB .. DBX-1 */
             asm volatile("bar.sync 3, 256;\n" ::: "memory");
